@@ -1,0 +1,3 @@
+from llm_manager.cli.main import main
+
+main()

@@ -1,0 +1,67 @@
+"""Model-management endpoints: info, start, stop, restart-autostart, stop-all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from llm_manager.api.views import model_info, running_count
+from llm_manager.messages import Messages
+from llm_manager.models.runtime import State
+from llm_manager.models.supervisor import Supervisor
+
+ALL_MODELS = "all-models"
+
+
+def router(supervisor: Supervisor, say: Messages) -> APIRouter:
+    api = APIRouter(prefix="/api/models", tags=["models"])
+
+    @api.get("/{alias}/info", summary="One model's details, or every model's with all-models")
+    async def info(alias: str) -> dict[str, Any]:
+        devices = (await supervisor.monitor.snapshot()).devices
+        if alias == ALL_MODELS:
+            runtimes = supervisor.runtimes
+            return {
+                "success": True,
+                "models": {r.name: model_info(supervisor, r, devices) for r in runtimes},
+                "total_models": len(runtimes),
+                "running_models": running_count(runtimes),
+                "total_pending_requests": sum(r.pending for r in runtimes),
+            }
+        runtime = supervisor.resolve(alias)
+        return {"success": True, "model": model_info(supervisor, runtime, devices)}
+
+    @api.post("/{alias}/start", summary="Start a model; waits until it is ready or failed")
+    async def start(alias: str) -> dict[str, Any]:
+        runtime = supervisor.resolve(alias)
+        was_routing = runtime.state is State.ROUTING
+        await runtime.ensure_ready()
+        key = "already_running" if was_routing else "started"
+        return {"success": True, "message": say(key, name=runtime.name)}
+
+    @api.post("/{alias}/stop", summary="Stop a model (SIGTERM, then SIGKILL after stop_timeout)")
+    async def stop(alias: str) -> dict[str, Any]:
+        runtime = supervisor.resolve(alias)
+        stopped = await runtime.stop("stop requested")
+        key = "stopped" if stopped else "not_running"
+        return {"success": True, "message": say(key, name=runtime.name)}
+
+    @api.post("/restart-autostart", summary="Restart every auto_start model")
+    async def restart_autostart() -> dict[str, Any]:
+        started, failed = await supervisor.restart_autostart()
+        body: dict[str, Any] = {
+            "success": not failed,
+            "message": say("restarted", count=len(started)),
+            "started_models": started,
+        }
+        if failed:
+            body["failed_models"] = failed
+        return body
+
+    @api.post("/stop-all", summary="Stop every model")
+    async def stop_all() -> dict[str, Any]:
+        stopped = await supervisor.stop_all()
+        return {"success": True, "message": say("stopped_all"), "stopped_models": stopped}
+
+    return api

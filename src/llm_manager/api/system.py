@@ -1,0 +1,51 @@
+"""System endpoints: ``GET /``, ``GET /health``, ``GET /v1/models``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from llm_manager import __version__
+from llm_manager.api.views import running_count
+from llm_manager.models.supervisor import Supervisor
+
+
+def router(supervisor: Supervisor, created: int) -> APIRouter:
+    api = APIRouter(tags=["system"])
+
+    @api.get("/", summary="Server information")
+    async def root() -> dict[str, Any]:
+        return {
+            "message": "LLM-Manager API Server",
+            "version": __version__,
+            "models_url": "/v1/models",
+        }
+
+    @api.get("/health", summary="Health of the server and its models")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "models_count": len(supervisor.runtimes),
+            "running_models": running_count(supervisor.runtimes),
+        }
+
+    @api.get("/v1/models", summary="Models (OpenAI list format)")
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": r.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "user",
+                    "aliases": list(r.spec.aliases),
+                    "mode": r.spec.mode,
+                    "status": r.state.value,
+                }
+                for r in supervisor.runtimes
+            ],
+        }
+
+    return api

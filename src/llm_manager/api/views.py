@@ -1,0 +1,41 @@
+"""JSON views of domain objects, in the seed's shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llm_manager.config import MODE_LABELS
+from llm_manager.devices.base import Device
+from llm_manager.models.runtime import ModelRuntime, State
+from llm_manager.models.supervisor import Supervisor
+
+RUNNING = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING})
+
+
+def running_count(runtimes: Sequence[ModelRuntime]) -> int:
+    """Models with a live process that is not being stopped."""
+    return sum(1 for r in runtimes if r.state in RUNNING)
+
+
+def model_info(
+    supervisor: Supervisor, runtime: ModelRuntime, devices: list[Device]
+) -> dict[str, Any]:
+    preview = supervisor.preview(runtime, devices)
+    return {
+        "model_name": runtime.name,
+        "aliases": list(runtime.spec.aliases),
+        "status": runtime.state.value,
+        "pid": runtime.pid,
+        "idle_time_sec": int(runtime.idle_seconds()),
+        "mode": MODE_LABELS[runtime.spec.mode],
+        "is_available": preview.is_available,
+        "current_bat_path": preview.command,
+        "config_source": preview.scheme,
+        "failure_reason": runtime.failure_reason,
+        "pending_requests": runtime.pending,
+        "port": runtime.port,
+        "auto_start": runtime.spec.auto_start,
+        "idle_timeout_sec": runtime.idle_timeout,
+        "start_count": runtime.start_count,
+    }

@@ -1,0 +1,41 @@
+"""A small HTTP client for the CLI's client commands (stdlib only: no event loop needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ClientError(Exception):
+    pass
+
+
+def base_url(explicit: str | None) -> str:
+    return (explicit or os.environ.get("LLM_MANAGER_URL") or DEFAULT_URL).rstrip("/")
+
+
+def call(url: str, method: str, path: str, timeout: float = 600) -> dict[str, Any]:
+    """JSON answer of the server; error answers are returned too (they carry a message)."""
+    request = urllib.request.Request(
+        url + path, method=method, data=b"" if method == "POST" else None
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"cannot reach LLM-Manager at {url}: {reason}") from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ClientError(f"{url}{path} did not answer JSON") from None
+    if not isinstance(data, dict):
+        raise ClientError(f"{url}{path} answered an unexpected shape")
+    return data

@@ -1,0 +1,210 @@
+"""The ``llm-manager`` command: serve, config checks, and client commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from llm_manager import __version__, settings
+from llm_manager.cli.client import ClientError, base_url, call
+from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
+
+url_option = click.option(
+    "--url", default=None, help="LLM-Manager address (default $LLM_MANAGER_URL or :8080)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="llm-manager")
+def cli() -> None:
+    """LLM-Manager: local model manager and OpenAI-compatible gateway."""
+
+
+@cli.command()
+@click.option("--config", "config_path", default=None, help="YAML configuration file.")
+@click.option("--host", default=None, help="Bind address (overrides server.host).")
+@click.option("--port", type=int, default=None, help="Port (overrides server.port; 0 = any).")
+@click.option("--data-dir", default=None, help="Data directory (overrides server.data_dir).")
+@click.option(
+    "--log-level",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    data_dir: str | None,
+    log_level: str,
+) -> None:
+    """Serve the API and manage the configured models."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("llm_manager")
+    try:
+        loaded = settings.load(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    log.info("configuration: %s", loaded.source)
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    if data_dir is not None:
+        changes["data_dir"] = Path(data_dir).resolve()
+    if changes:
+        loaded = settings.with_server(loaded, **changes)
+    server = loaded.config.server
+    if server.host not in ("127.0.0.1", "localhost", "::1") and not server.api_keys:
+        log.warning(
+            "binding to %s with no api_keys: anyone who can reach it can use it", server.host
+        )
+    try:
+        code = asyncio.run(_run(loaded, server.host, server.port, log_level))
+    except OSError as exc:
+        click.echo(f"cannot serve on {server.host}:{server.port}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+async def _run(loaded: LoadedConfig, host: str, port: int, log_level: str) -> int:
+    from llm_manager.server import serve as run_server
+
+    return await run_server(loaded, host, port, log_level)
+
+
+@cli.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(path: Path) -> None:
+    """Validate a configuration file; print every problem with its YAML path and line."""
+    try:
+        loaded = load_file(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"{path}: {problem}", err=True)
+        click.echo(f"{len(exc.problems)} problem(s) found", err=True)
+        sys.exit(1)
+    models = loaded.config.models
+    click.echo(f"{path}: valid ({len(models)} model(s): {', '.join(models) or 'none'})")
+
+
+@cli.command("config-schema")
+def config_schema() -> None:
+    """Print the configuration's JSON Schema (for editors)."""
+    click.echo(json_schema())
+
+
+def _request(url: str | None, method: str, path: str) -> dict[str, Any]:
+    try:
+        return call(base_url(url), method, path)
+    except ClientError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _finish(data: dict[str, Any], as_json: bool) -> None:
+    """Print a success/message answer and exit 1 when it reports a failure."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        message = data.get("message", "")
+        error = data.get("error")
+        text = message if not error or error == message else f"{message}: {error}"
+        click.echo(text, err=not data.get("success", False))
+    if not data.get("success", False):
+        sys.exit(1)
+
+
+@cli.command()
+@url_option
+@json_option
+def models(url: str | None, as_json: bool) -> None:
+    """List the models and their state."""
+    data = _request(url, "GET", "/api/models/all-models/info")
+    if as_json or not data.get("success"):
+        _finish(data, as_json)
+        return
+    table = Table(title=f"{data['running_models']}/{data['total_models']} running")
+    for column in (
+        "model",
+        "aliases",
+        "mode",
+        "status",
+        "pid",
+        "port",
+        "scheme",
+        "pending",
+        "idle",
+    ):
+        table.add_column(column)
+    for info in data["models"].values():
+        status = info["status"]
+        if info.get("failure_reason"):
+            status += f" ({info['failure_reason']})"
+        table.add_row(
+            info["model_name"],
+            ", ".join(info["aliases"]),
+            info["mode"],
+            status,
+            str(info["pid"] or "-"),
+            str(info.get("port") or "-"),
+            info["config_source"] or "-",
+            str(info["pending_requests"]),
+            f"{info['idle_time_sec']}s",
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("name")
+@url_option
+@json_option
+def info(name: str, url: str | None, as_json: bool) -> None:
+    """Show one model's details."""
+    data = _request(url, "GET", f"/api/models/{name}/info")
+    if as_json or not data.get("success"):
+        _finish(data, as_json)
+        return
+    table = Table(show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in data["model"].items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        table.add_row(key, "-" if shown is None else str(shown))
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("name")
+@url_option
+@json_option
+def start(name: str, url: str | None, as_json: bool) -> None:
+    """Start a model and wait until it is ready."""
+    _finish(_request(url, "POST", f"/api/models/{name}/start"), as_json)
+
+
+@cli.command()
+@click.argument("name")
+@url_option
+@json_option
+def stop(name: str, url: str | None, as_json: bool) -> None:
+    """Stop a model."""
+    _finish(_request(url, "POST", f"/api/models/{name}/stop"), as_json)
+
+
+def main() -> None:
+    cli()

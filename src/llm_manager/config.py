@@ -1,0 +1,370 @@
+"""Configuration: pydantic models, YAML loading with line numbers, cross-field checks.
+
+Every problem in a file is reported at once, each with its YAML path
+(``models.qwen.schemes.gpu.devices``) and line, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """``90s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 90s, 5m, 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use 90s, 5m, 1h or seconds)")
+        unit = match.group(2).lower() if match.group(2) else None
+        seconds = float(match.group(1)) * _UNIT_SECONDS[unit]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like 90s, 5m, 1h")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Mode = Literal["chat", "base", "embedding", "reranker"]
+MODE_LABELS: dict[str, str] = {
+    "chat": "Chat",
+    "base": "Base",
+    "embedding": "Embedding",
+    "reranker": "Reranker",
+}
+PLACEHOLDERS = ("port", "name", "alias", "host", "data_dir")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """The ``server:`` section."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP server (0 = any).")
+    data_dir: Path = Field(
+        Path("./data"), description="Directory for the SQLite database and run state."
+    )
+    idle_timeout: Duration = Field(
+        3600.0, description="Stop a model unused this long (seconds or 90s/5m/1h); 0 = never."
+    )
+    startup_timeout: Duration = Field(
+        300.0, gt=0, description="Start to ready, else the model fails and its process is killed."
+    )
+    stop_timeout: Duration = Field(
+        10.0, description="SIGTERM grace period before SIGKILL to the model's process group."
+    )
+    api_keys: list[str] = Field(
+        default_factory=list, description="Keys accepted on /v1/* (Bearer or x-api-key)."
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list, description="Keys required for mutating /api/* endpoints."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."
+    )
+    language: Literal["en", "zh"] = Field("en", description="Language of human-readable messages.")
+
+
+class DeviceConfig(_Strict):
+    """A device declared by hand, for hardware that cannot be probed (and for tests)."""
+
+    name: str = Field(min_length=1, description="Name matched by scheme device keys.")
+    kind: Literal["cuda", "amd", "cpu", "other"] = Field(
+        "cuda", description="Device family, used to group it in /api/devices/info."
+    )
+    memory_total_mib: int = Field(ge=0, description="Memory of the device in MiB.")
+    online: bool = Field(True, description="Whether the device is present.")
+
+
+class SchemeConfig(_Strict):
+    """One way to start a model on one combination of devices."""
+
+    devices: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Device key -> MiB the model needs there (0 = must be present).",
+    )
+    command: str | list[str] | None = Field(
+        None, description="Command line (split like a shell line, run without a shell)."
+    )
+    script: str | None = Field(None, description="A script file to run instead of a command.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    cwd: str | None = Field(None, description="Working directory of the process.")
+
+    @model_validator(mode="after")
+    def _one_launcher(self) -> SchemeConfig:
+        if (self.command is None) == (self.script is None):
+            raise ValueError("a scheme needs exactly one of 'command' or 'script'")
+        if isinstance(self.command, list) and not self.command:
+            raise ValueError("'command' is an empty list")
+        if isinstance(self.command, str) and not self.command.strip():
+            raise ValueError("'command' is empty")
+        return self
+
+    @field_validator("devices")
+    @classmethod
+    def _device_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        for key in value:
+            if not key.strip():
+                raise ValueError("a device key cannot be empty")
+            if key.lower().startswith("cuda:") and not key[5:].isdigit():
+                raise ValueError(f"device key {key!r}: use cuda:N with N a GPU index")
+        return value
+
+
+class ModelConfig(_Strict):
+    """One managed model: its names, mode, and the schemes that start it."""
+
+    aliases: list[str] = Field(default_factory=list, description="Other names of the model.")
+    mode: Mode = Field("chat", description="chat | base | embedding | reranker.")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Port the model serves on; free port when omitted."
+    )
+    auto_start: bool = Field(False, description="Start at manager start and restart-autostart.")
+    idle_timeout: Duration | None = Field(
+        None, description="Per-model override of server.idle_timeout."
+    )
+    health_path: str = Field("/health", description="Readiness probe path; 200 means ready.")
+    max_concurrency: int = Field(
+        0, ge=0, description="0 = unlimited; above it requests wait in a queue."
+    )
+    schemes: dict[str, SchemeConfig] = Field(
+        min_length=1, description="Start schemes, tried in order."
+    )
+
+    @field_validator("health_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("health_path must start with '/'")
+        return value
+
+
+class Config(_Strict):
+    """The whole configuration file."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path or '<root>'}" + (f" (line {self.line})" if self.line else "")
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration {source}: {len(problems)} problem(s)\n{lines}")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    source: str  # file path, or "built-in quick-start configuration"
+    base_dir: Path  # relative script/cwd paths resolve here
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+
+def _node_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            out[(*path, key)] = key_node.start_mark.line + 1
+            _node_lines(value_node, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_lines(item, (*path, str(i)), out)
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple[str, ...]) -> Iterator[ConfigProblem]:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                yield ConfigProblem(
+                    ".".join((*path, key)), key_node.start_mark.line + 1, "duplicate key"
+                )
+            seen.add(key)
+            yield from _duplicate_keys(value_node, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*path, str(i)))
+
+
+def _line_for(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int | None:
+    # Walk up until a node that exists in the file (a missing key reports its parent's line).
+    while True:
+        if path in lines:
+            return lines[path]
+        if not path:
+            return None
+        path = path[:-1]
+
+
+def _format_pydantic(error: Any) -> tuple[tuple[str, ...], str]:
+    loc = tuple(str(p) for p in error["loc"])
+    kind = error["type"]
+    msg = str(error["msg"])
+    if kind == "missing":
+        msg = "required key is missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown key (not part of the configuration)"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    # Union branches and Annotated wrappers add loc parts that are not YAML keys.
+    loc = tuple(p for p in loc if not (p.startswith(("function-", "list[", "str")) or p == "int"))
+    return loc, msg
+
+
+def _normalise(name: str) -> str:
+    return name.casefold()
+
+
+def _cross_checks(raw: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Checks across models: unique names/aliases and ports, known placeholders."""
+    models = raw.get("models")
+    if not isinstance(models, dict):
+        return
+    owners: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    for name, model in models.items():
+        name = str(name)
+        names: list[tuple[tuple[str, ...], str]] = [(("models", name), name)]
+        if isinstance(model, dict):
+            aliases = model.get("aliases")
+            if isinstance(aliases, list):
+                names += [
+                    (("models", name, "aliases", str(i)), str(a)) for i, a in enumerate(aliases)
+                ]
+            port = model.get("port")
+            if isinstance(port, int) and not isinstance(port, bool):
+                if port in ports:
+                    yield (
+                        ("models", name, "port"),
+                        f"port {port} is already used by {ports[port]!r}",
+                    )
+                else:
+                    ports[port] = name
+        for loc, alias in names:
+            key = _normalise(alias)
+            if not alias.strip():
+                yield (loc, "a model name or alias cannot be empty")
+            elif alias == "all-models":
+                yield (loc, "'all-models' is reserved by the API")
+            elif key in owners:
+                yield (loc, f"name {alias!r} is already used by model {owners[key]!r}")
+            else:
+                owners[key] = name
+
+
+def validate_data(raw: Any, source: str, lines: dict[tuple[str, ...], int]) -> Config:
+    problems: list[ConfigProblem] = []
+    config: Config | None = None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [ConfigProblem("", 1, "the file must hold a mapping")])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc, msg = _format_pydantic(err)
+            problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
+    for loc, msg in _cross_checks(raw):
+        problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
+    if problems or config is None:
+        problems.sort(key=lambda p: (p.line or 0, p.path))
+        raise ConfigError(source, _dedupe(problems))
+    return config
+
+
+def _dedupe(problems: Iterable[ConfigProblem]) -> list[ConfigProblem]:
+    seen: set[ConfigProblem] = set()
+    out = []
+    for p in problems:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def parse_text(text: str, source: str) -> Config:
+    """Validate YAML text; raises ConfigError listing every problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            source, [ConfigProblem("", line, f"YAML syntax error: {reason}")]
+        ) from None
+    lines: dict[tuple[str, ...], int] = {}
+    dupes: list[ConfigProblem] = []
+    if node is not None:
+        _node_lines(node, (), lines)
+        dupes = list(_duplicate_keys(node, ()))
+    try:
+        config = validate_data(raw, source, lines)
+    except ConfigError as exc:
+        raise ConfigError(source, dupes + exc.problems) from None
+    if dupes:
+        raise ConfigError(source, dupes)
+    return config
+
+
+def load_file(path: Path) -> LoadedConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            str(path), [ConfigProblem("", None, f"cannot read file: {exc}")]
+        ) from None
+    config = parse_text(text, str(path))
+    return LoadedConfig(config=config, source=str(path), base_dir=path.resolve().parent)
+
+
+def json_schema() -> str:
+    return json.dumps(Config.model_json_schema(), indent=2)

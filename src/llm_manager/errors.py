@@ -1,0 +1,56 @@
+"""Domain errors. The HTTP edge (api/errors.py) maps them to status codes and shapes."""
+
+from __future__ import annotations
+
+
+class ManagerError(Exception):
+    """Base of every error LLM-Manager reports to a client. ``status`` is the HTTP code."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class BadRequest(ManagerError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class ModelNotFound(ManagerError):
+    status = 404
+    kind = "model_not_found"
+
+    def __init__(self, name: str, known: list[str], ambiguous: list[str] | None = None) -> None:
+        self.name = name
+        self.known = known
+        if ambiguous:
+            message = f"model {name!r} is ambiguous: it matches {', '.join(ambiguous)}"
+        else:
+            message = f"model {name!r} not found"
+        super().__init__(message, "known models: " + (", ".join(known) or "(none)"))
+
+
+class ModelUnavailable(ManagerError):
+    """The model cannot be started: devices, resources, port, or a failed start."""
+
+    status = 503
+    kind = "model_unavailable"
+
+
+class DeviceUnavailable(ModelUnavailable):
+    kind = "device_unavailable"
+
+
+class StartFailed(ModelUnavailable):
+    kind = "start_failed"
+
+
+class ModelStopped(ManagerError):
+    """The model was stopped or died while a request waited for or used it."""
+
+    status = 502
+    kind = "model_stopped"

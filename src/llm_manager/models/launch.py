@@ -1,0 +1,124 @@
+"""Turning a scheme into an argv, environment and working directory; port checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_manager.config import SchemeConfig
+from llm_manager.errors import StartFailed
+
+UPSTREAM_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+
+    @property
+    def display(self) -> str:
+        return shlex.join(self.argv)
+
+
+def substitute(text: str, values: Mapping[str, str]) -> str:
+    # Only the known placeholders are replaced, so other braces (JSON in an argument,
+    # shell-like ${VAR}) pass through untouched.
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def describe(scheme: SchemeConfig) -> str:
+    """The scheme's start command or script as written in the config (``current_bat_path``)."""
+    if scheme.script is not None:
+        return scheme.script
+    if isinstance(scheme.command, list):
+        return shlex.join(scheme.command)
+    return scheme.command or ""
+
+
+def build(
+    scheme: SchemeConfig,
+    *,
+    name: str,
+    aliases: Sequence[str],
+    port: int,
+    data_dir: Path,
+    base_dir: Path,
+    gpu_indices: Sequence[int] = (),
+) -> Launch:
+    values = {
+        "port": str(port),
+        "name": name,
+        "alias": aliases[0] if aliases else name,
+        "host": UPSTREAM_HOST,
+        "data_dir": str(data_dir),
+    }
+    env = dict(os.environ)
+    env.update(
+        LLM_MANAGER_MODEL=name,
+        LLM_MANAGER_PORT=str(port),
+        LLM_MANAGER_HOST=UPSTREAM_HOST,
+    )
+    if gpu_indices and "CUDA_VISIBLE_DEVICES" not in scheme.env:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
+    env.update({k: substitute(v, values) for k, v in scheme.env.items()})
+    cwd = str(_resolve(substitute(scheme.cwd, values), base_dir)) if scheme.cwd else None
+    if scheme.script is not None:
+        script = _resolve(substitute(scheme.script, values), base_dir)
+        if not script.is_file():
+            raise StartFailed(f"script {script} does not exist")
+        argv = _script_argv(script)
+    else:
+        raw = scheme.command
+        parts = shlex.split(raw) if isinstance(raw, str) else list(raw or [])
+        argv = [substitute(p, values) for p in parts]
+        exe = argv[0]
+        if os.sep not in exe and shutil.which(exe, path=env.get("PATH")) is None:
+            raise StartFailed(f"command {exe!r} not found on PATH")
+    return Launch(argv=argv, env=env, cwd=cwd)
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _script_argv(script: Path) -> list[str]:
+    if os.access(script, os.X_OK):
+        return [str(script)]
+    if script.suffix in (".sh", ".bash") and (bash := shutil.which("bash")):
+        return [bash, str(script)]
+    return ["/bin/sh", str(script)]
+
+
+def free_port(host: str = UPSTREAM_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_port_free(port: int, host: str = UPSTREAM_HOST) -> None:
+    """Fail fast when another program listens on the model's port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR lets the bind succeed over TIME_WAIT leftovers of our own
+        # earlier run, while a live listener still makes it fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartFailed(
+                    f"port {port} is already in use by another program",
+                    f"free port {port} or change the model's port",
+                ) from None
+            raise StartFailed(f"cannot use port {port}: {exc.strerror}") from None

@@ -1,0 +1,90 @@
+"""The processes this manager started, recorded in ``data_dir`` for cleanup after a crash.
+
+A manager killed with SIGKILL cannot stop its models; the parent-death signal and the
+reaper normally do, and this record is the last line: at start, every group recorded
+by an earlier run whose leader is still the same process (same start time) is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class RunState:
+    """Owns ``data_dir/run/processes.json``. Single writer: the event loop thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / "run" / "processes.json"
+        self._records: dict[str, dict[str, object]] = {}
+
+    def cleanup_previous(self) -> list[int]:
+        """Kill what an earlier run left; returns the PIDs killed."""
+        killed: list[int] = []
+        try:
+            records = json.loads(self._path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            records = {}
+        if not isinstance(records, dict):
+            records = {}
+        for model, rec in records.items():
+            if not isinstance(rec, dict):
+                continue
+            pid, pgid, created = rec.get("pid"), rec.get("pgid"), rec.get("create_time")
+            if not isinstance(pid, int) or not isinstance(pgid, int):
+                continue
+            if not _same_process(pid, created):
+                continue
+            log.warning("killing model %s (pid %s) left by an earlier run", model, pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            killed.append(pid)
+        self._records = {}
+        self._write()
+        return killed
+
+    def add(self, model: str, pid: int, pgid: int) -> None:
+        created: float | None
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            created = None
+        self._records[model] = {
+            "pid": pid,
+            "pgid": pgid,
+            "create_time": created,
+            "recorded_at": time.time(),
+        }
+        self._write()
+
+    def remove(self, model: str) -> None:
+        if self._records.pop(model, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._records), encoding="utf-8")
+            os.replace(tmp, self._path)
+        except OSError as exc:  # losing the record must not stop a model from running
+            log.error("cannot record model processes in %s: %s", self._path, exc)
+
+
+def _same_process(pid: int, create_time: object) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not isinstance(create_time, int | float) or abs(proc.create_time() - create_time) < 1
+    except psutil.Error:
+        return False

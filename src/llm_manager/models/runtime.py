@@ -1,0 +1,306 @@
+"""One model's state machine: the single owner of its state, process and port.
+
+Concurrency rule: every method runs on the event loop. Starting and stopping each run
+as one task at a time (single flight); callers never "check the state, then start":
+they call ``ensure_ready()`` and wait for the one start in progress, whoever began it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from llm_manager.config import ModelConfig
+from llm_manager.errors import ManagerError, ModelStopped, StartFailed
+from llm_manager.logs import ModelLog
+from llm_manager.models import launch
+from llm_manager.models.process import ModelProcess
+from llm_manager.models.reaper import Reaper
+from llm_manager.models.runstate import RunState
+from llm_manager.models.scheduler import Fit
+
+
+class State(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    HEALTH_CHECK = "health_check"
+    ROUTING = "routing"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+ACTIVE_STATES = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.STOPPING})
+
+
+class Placer(Protocol):
+    """Decides where a model runs and books the memory (the supervisor)."""
+
+    async def place(self, runtime: ModelRuntime) -> tuple[Fit, list[int]]: ...
+
+    def release(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    startup_timeout: float
+    stop_timeout: float
+    idle_timeout: float  # 0 = never
+    data_dir: Path
+    base_dir: Path
+
+
+class ModelRuntime:
+    def __init__(
+        self,
+        name: str,
+        spec: ModelConfig,
+        settings: RuntimeSettings,
+        *,
+        placer: Placer,
+        http: aiohttp.ClientSession,
+        reaper: Reaper,
+        runstate: RunState,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.settings = settings
+        self.log = ModelLog(name)
+        self._placer = placer
+        self._http = http
+        self._reaper = reaper
+        self._runstate = runstate
+        self._state = State.STOPPED
+        self.failure_reason: str | None = None
+        self.scheme: str | None = None  # scheme of the current (or last) run
+        self.port: int | None = spec.port
+        self.pending = 0
+        self.start_count = 0
+        self.last_used = time.monotonic()
+        self._proc: ModelProcess | None = None
+        self._start_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[bool] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    # --- read-only views ----------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{launch.UPSTREAM_HOST}:{self.port}"
+
+    @property
+    def idle_timeout(self) -> float:
+        own = self.spec.idle_timeout
+        return self.settings.idle_timeout if own is None else own
+
+    def idle_seconds(self, now: float | None = None) -> float:
+        if self.pending:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self.last_used)
+
+    def idle_due(self, now: float) -> bool:
+        timeout = self.idle_timeout
+        return (
+            timeout > 0
+            and self._state is State.ROUTING
+            and self.pending == 0
+            and now - self.last_used >= timeout
+        )
+
+    # --- requests -----------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """A request begins (waiting or in flight): it counts as pending, blocks idle unload."""
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
+        self.last_used = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def ensure_ready(self) -> str:
+        """Return the model's base URL once it routes, starting it if needed.
+
+        Any number of concurrent callers share one start. Raises the start's error
+        (503 family), or ModelStopped when a stop interrupts the start.
+        """
+        while True:
+            if self._state is State.ROUTING:
+                return self.base_url
+            if self._stop_task is not None:
+                await asyncio.wait({self._stop_task})
+                continue
+            if self._start_task is None:
+                self._start_task = asyncio.create_task(self._start(), name=f"start {self.name}")
+            task = self._start_task
+            # asyncio.wait: a waiter that is cancelled (client left) does not cancel the start.
+            await asyncio.wait({task})
+            if task.cancelled():
+                raise ModelStopped(f"model {self.name!r} was stopped while starting")
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def stop(self, reason: str = "requested") -> bool:
+        """Stop the model (and any start in progress). True when a process was stopped."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(reason), name=f"stop {self.name}")
+        task = self._stop_task
+        await asyncio.wait({task})
+        return task.result()
+
+    async def _start(self) -> None:
+        began = time.monotonic()
+        timeout = self.settings.startup_timeout
+        proc: ModelProcess | None = None
+        self.failure_reason = None
+        self._set_state(State.STARTING)
+        try:
+            try:
+                fit, gpu_indices = await self._placer.place(self)
+                self.scheme = fit.scheme
+                scheme = self.spec.schemes[fit.scheme]
+                port = self.spec.port or launch.free_port()
+                launch.ensure_port_free(port)
+                plan = launch.build(
+                    scheme,
+                    name=self.name,
+                    aliases=self.spec.aliases,
+                    port=port,
+                    data_dir=self.settings.data_dir,
+                    base_dir=self.settings.base_dir,
+                    gpu_indices=gpu_indices,
+                )
+                self.port = port
+                self.log.event(f"starting with scheme {fit.scheme} on port {port}: {plan.display}")
+                try:
+                    proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
+                except OSError as exc:
+                    raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
+                self._adopt(proc)
+                self._set_state(State.HEALTH_CHECK)
+                remaining = max(0.0, timeout - (time.monotonic() - began))
+                try:
+                    await asyncio.wait_for(self._probe(proc), remaining)
+                except TimeoutError:
+                    raise StartFailed(
+                        f"model {self.name!r} was not ready after {timeout:g} s (startup_timeout)"
+                    ) from None
+            except asyncio.CancelledError:
+                await self._teardown(proc, "start cancelled")
+                self._set_state(State.STOPPED)
+                raise
+            except ManagerError as exc:
+                await self._teardown(proc, exc.message)
+                self._fail(exc.message)
+                raise
+            except Exception as exc:  # anything unforeseen still leaves no process behind
+                await self._teardown(proc, repr(exc))
+                self._fail(f"start failed: {exc!r}")
+                raise StartFailed(f"model {self.name!r} failed to start: {exc!r}") from exc
+            self.start_count += 1
+            self.last_used = time.monotonic()
+            self._set_state(State.ROUTING)
+            self.log.event(f"ready after {time.monotonic() - began:.1f} s")
+        finally:
+            self._start_task = None
+
+    async def _probe(self, proc: ModelProcess) -> None:
+        path = self.spec.health_path
+        delay = 0.05
+        while True:
+            if proc.returncode is not None:
+                raise StartFailed(
+                    f"model {self.name!r} exited with code {proc.returncode} during start"
+                )
+            try:
+                async with self._http.get(
+                    self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    if resp.status == 200:
+                        return
+                    if resp.status == 404 and path != "/v1/models":
+                        self.log.event(f"{path} answered 404; probing /v1/models instead")
+                        path = "/v1/models"
+                        continue
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass  # not listening yet
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    async def _stop(self, reason: str) -> bool:
+        try:
+            start = self._start_task
+            if start is not None:
+                start.cancel()
+                await asyncio.wait({start})
+            proc = self._proc
+            if proc is None:
+                if self._state is State.FAILED:
+                    self._set_state(State.STOPPED)
+                return start is not None
+            self._set_state(State.STOPPING)
+            self.log.event(f"stopping: {reason}")
+            code = await proc.stop(self.settings.stop_timeout)
+            self._forget(proc)
+            self._set_state(State.STOPPED)
+            self.log.event(f"stopped (exit code {code})")
+            return True
+        finally:
+            self._stop_task = None
+
+    def _adopt(self, proc: ModelProcess) -> None:
+        self._proc = proc
+        self._reaper.watch(proc.pgid)
+        self._runstate.add(self.name, proc.pid, proc.pgid)
+        self._watch_task = asyncio.create_task(self._watch(proc), name=f"watch {self.name}")
+
+    def _forget(self, proc: ModelProcess) -> None:
+        if self._proc is proc:
+            self._proc = None
+        self._reaper.forget(proc.pgid)
+        self._runstate.remove(self.name)
+        self._placer.release(self.name)
+
+    async def _watch(self, proc: ModelProcess) -> None:
+        """Notice a process that dies by itself while it serves."""
+        code = await proc.wait()
+        if self._proc is not proc or self._state is not State.ROUTING:
+            return  # a stop or a failing start handles it
+        reason = f"process exited with code {code}"
+        self.log.event(reason)
+        # Kill anything the process left in its group (a forked worker), then forget it.
+        await proc.stop(0)
+        self._forget(proc)
+        self._fail(reason)
+
+    async def _teardown(self, proc: ModelProcess | None, why: str) -> None:
+        if proc is None:
+            self._placer.release(self.name)
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.stop(self.settings.stop_timeout))
+        self._forget(proc)
+
+    def _fail(self, reason: str) -> None:
+        self.failure_reason = reason
+        self._set_state(State.FAILED)
+        self.log.event(f"failed: {reason}")
+
+    def _set_state(self, state: State) -> None:
+        self._state = state

@@ -1,0 +1,172 @@
+"""Scheme choice, resource fit and eviction: pure functions over device snapshots.
+
+Nothing here does I/O or holds state, so every rule of contract §4 is unit-testable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from llm_manager.devices.base import Device
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Memory a model holds (or is about to hold) on a device.
+
+    ``reflected`` is True when a measurement already includes it (a running model on probed
+    hardware); such a claim must not be subtracted a second time.
+    """
+
+    model: str
+    device_key: str
+    mib: int
+    reflected: bool = False
+
+
+@dataclass(frozen=True)
+class Fit:
+    scheme: str
+    assignment: dict[str, str]  # scheme device key -> Device.key
+    needs: dict[str, int]  # Device.key -> MiB
+
+    def gpu_indices(self, devices: Sequence[Device]) -> list[int]:
+        by_key = {d.key: d for d in devices}
+        return [
+            idx
+            for key in self.assignment.values()
+            if (dev := by_key.get(key)) is not None
+            and dev.kind == "cuda"
+            and (idx := dev.index) is not None
+        ]
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    scheme: str
+    device: str  # the scheme's device key
+    needed: int
+    free: int
+    missing: bool  # no such device online at all
+
+    def describe(self) -> str:
+        if self.missing:
+            return f"scheme {self.scheme!r}: device {self.device!r} not present"
+        return (
+            f"scheme {self.scheme!r}: device {self.device!r} needs {self.needed} MiB, "
+            f"{self.free} MiB free ({self.needed - self.free} MiB missing)"
+        )
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A model that could be evicted: it is idle and holds memory."""
+
+    model: str
+    last_used: float
+    claims: tuple[Claim, ...]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[\s\-_]+", "", text).casefold()
+
+
+def matches(key: str, device: Device) -> bool:
+    """Contract §2: ``cpu``, ``cuda:N``, or a name substring ignoring case, spaces, dashes."""
+    lowered = key.strip().casefold()
+    if lowered == "cpu":
+        return device.kind == "cpu"
+    if lowered.startswith("cuda:") and lowered[5:].isdigit():
+        return device.kind == "cuda" and device.index == int(lowered[5:])
+    if device.kind == "cpu":
+        return False
+    wanted = _norm(key)
+    return bool(wanted) and wanted in _norm(device.name)
+
+
+def apply_claims(devices: Sequence[Device], claims: Sequence[Claim]) -> list[Device]:
+    """Free memory after subtracting the claims that measurements do not yet show."""
+    out = []
+    for dev in devices:
+        held = sum(
+            c.mib for c in claims if c.device_key == dev.key and not (c.reflected and dev.measured)
+        )
+        if held:
+            free = max(0, dev.memory_free - held)
+            dev = replace(dev, memory_free=free, memory_used=dev.memory_total - free)
+        out.append(dev)
+    return out
+
+
+def fit_scheme(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -> Fit | Shortfall:
+    """Assign each of the scheme's device keys to a distinct online device with room."""
+    assignment: dict[str, str] = {}
+    taken: set[str] = set()
+    # Biggest needs first, so a large claim is not starved by a small one on a shared name.
+    for key, mib in sorted(needs.items(), key=lambda kv: -kv[1]):
+        candidates = [d for d in devices if d.online and d.key not in taken and matches(key, d)]
+        if not candidates:
+            return Shortfall(name, key, mib, 0, missing=True)
+        roomy = [d for d in candidates if d.memory_free >= mib]
+        if not roomy:
+            best = max(candidates, key=lambda d: d.memory_free)
+            return Shortfall(name, key, mib, best.memory_free, missing=False)
+        chosen = max(roomy, key=lambda d: d.memory_free)
+        assignment[key] = chosen.key
+        taken.add(chosen.key)
+    return Fit(name, assignment, {assignment[k]: mib for k, mib in needs.items()})
+
+
+def is_present(needs: Mapping[str, int], devices: Sequence[Device]) -> bool:
+    """Whether every device the scheme names is online, ignoring memory."""
+    return all(any(d.online and matches(key, d) for d in devices) for key in needs)
+
+
+def choose(
+    schemes: Sequence[tuple[str, Mapping[str, int]]], devices: Sequence[Device]
+) -> Fit | list[Shortfall]:
+    """The first scheme that fits, else every scheme's shortfall."""
+    shortfalls: list[Shortfall] = []
+    for name, needs in schemes:
+        result = fit_scheme(name, needs, devices)
+        if isinstance(result, Fit):
+            return result
+        shortfalls.append(result)
+    return shortfalls
+
+
+def plan_eviction(
+    name: str,
+    needs: Mapping[str, int],
+    devices: Sequence[Device],
+    holders: Sequence[Holder],
+) -> list[str] | None:
+    """The fewest least-recently-used idle models whose stopping makes the scheme fit.
+
+    Only holders of a device the scheme asks for are considered; None when even
+    evicting all of them is not enough (or a device is simply absent).
+    """
+    relevant = [
+        h
+        for h in sorted(holders, key=lambda h: h.last_used)
+        if any(
+            any(matches(key, d) for key in needs)
+            for c in h.claims
+            for d in devices
+            if d.key == c.device_key
+        )
+    ]
+    for count in range(1, len(relevant) + 1):
+        freed: dict[str, int] = {}
+        for holder in relevant[:count]:
+            for c in holder.claims:
+                freed[c.device_key] = freed.get(c.device_key, 0) + c.mib
+        trial = [
+            replace(d, memory_free=min(d.memory_total, d.memory_free + freed.get(d.key, 0)))
+            for d in devices
+        ]
+        if isinstance(fit_scheme(name, needs, trial), Fit):
+            return [h.model for h in relevant[:count]]
+    return None

@@ -1,0 +1,235 @@
+"""All managed models together: placement on devices, idle unload, auto-start, shutdown.
+
+The supervisor owns the resource ledger (which model holds which MiB on which device);
+each runtime owns its own state. Placement decisions run one at a time under one lock,
+so two concurrent starts never both claim the same free memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from llm_manager.config import LoadedConfig
+from llm_manager.devices.base import Device
+from llm_manager.devices.monitor import DeviceMonitor
+from llm_manager.errors import DeviceUnavailable
+from llm_manager.models import launch, scheduler
+from llm_manager.models.reaper import Reaper
+from llm_manager.models.registry import Registry
+from llm_manager.models.runstate import RunState
+from llm_manager.models.runtime import ModelRuntime, RuntimeSettings, State
+from llm_manager.models.scheduler import Claim, Fit, Holder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What info shows for a model: the scheme in use, or the one a start would pick now."""
+
+    scheme: str | None
+    command: str | None
+    is_available: bool
+
+
+class Supervisor:
+    def __init__(
+        self, loaded: LoadedConfig, monitor: DeviceMonitor, http: aiohttp.ClientSession
+    ) -> None:
+        server = loaded.config.server
+        self.monitor = monitor
+        self._reaper = Reaper()
+        self._runstate = RunState(server.data_dir)
+        self._claims: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._placement_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._closing = False
+        runtimes = []
+        for name, spec in loaded.config.models.items():
+            settings = RuntimeSettings(
+                startup_timeout=server.startup_timeout,
+                stop_timeout=server.stop_timeout,
+                idle_timeout=server.idle_timeout,
+                data_dir=server.data_dir,
+                base_dir=loaded.base_dir,
+            )
+            runtime = ModelRuntime(
+                name,
+                spec,
+                settings,
+                placer=self,
+                http=http,
+                reaper=self._reaper,
+                runstate=self._runstate,
+            )
+            runtimes.append((name, list(spec.aliases), runtime))
+        self.registry: Registry[ModelRuntime] = Registry(runtimes)
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Clean up after an earlier run, start the reaper and the idle loop, and begin the
+        auto-start models in the background (the HTTP server does not wait for them)."""
+        killed = self._runstate.cleanup_previous()
+        if killed:
+            log.warning("killed %d model process(es) left by an earlier run", len(killed))
+        await self._reaper.start()
+        self._spawn(self._idle_loop(), "idle unload")
+        self._spawn(self._autostart(), "auto-start")
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stop_all("manager shutting down")
+        await self._reaper.close()
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- queries --------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelRuntime:
+        return self.registry.resolve(name)
+
+    @property
+    def runtimes(self) -> list[ModelRuntime]:
+        return self.registry.values()
+
+    def preview(self, runtime: ModelRuntime, devices: list[Device]) -> Preview:
+        schemes = runtime.spec.schemes
+        available = any(scheduler.is_present(s.devices, devices) for s in schemes.values())
+        chosen: str | None = None
+        if runtime.state is not State.STOPPED and runtime.scheme is not None:
+            chosen = runtime.scheme
+        else:
+            free = scheduler.apply_claims(devices, self._claims_of(exclude=runtime.name))
+            fit = scheduler.choose([(n, s.devices) for n, s in schemes.items()], free)
+            if isinstance(fit, Fit):
+                chosen = fit.scheme
+            else:
+                chosen = next(
+                    (n for n, s in schemes.items() if scheduler.is_present(s.devices, devices)),
+                    None,
+                )
+        command = launch.describe(schemes[chosen]) if chosen is not None else None
+        return Preview(chosen, command, available)
+
+    # --- placement (the runtime's Placer) -----------------------------------------------
+
+    async def place(self, runtime: ModelRuntime) -> tuple[Fit, list[int]]:
+        schemes = [(n, s.devices) for n, s in runtime.spec.schemes.items()]
+        async with self._placement_lock:
+            evicted: set[str] = set()
+            for attempt in range(4):
+                # After an eviction, re-read the devices: memory must actually be free.
+                snap = await self.monitor.snapshot(max_age=0 if attempt else None)
+                devices = scheduler.apply_claims(
+                    snap.devices, self._claims_of(exclude=runtime.name)
+                )
+                result = scheduler.choose(schemes, devices)
+                if isinstance(result, Fit):
+                    self._claims[runtime.name] = tuple(result.needs.items())
+                    return result, result.gpu_indices(snap.devices)
+                victims = self._eviction(runtime, schemes, devices, evicted)
+                if not victims:
+                    break
+                evicted.update(victims)
+                await asyncio.gather(
+                    *(
+                        self.resolve(v).stop(f"evicted to make room for {runtime.name}")
+                        for v in victims
+                    )
+                )
+                if attempt:
+                    await asyncio.sleep(0.2 * attempt)
+        assert not isinstance(result, Fit)
+        details = "; ".join(s.describe() for s in result)
+        raise DeviceUnavailable("device unavailable or insufficient resources", details)
+
+    def _eviction(
+        self,
+        runtime: ModelRuntime,
+        schemes: list[tuple[str, dict[str, int]]],
+        devices: list[Device],
+        already: set[str],
+    ) -> list[str]:
+        holders = [
+            Holder(r.name, r.last_used, tuple(Claim(r.name, k, m) for k, m in self._claims[r.name]))
+            for r in self.runtimes
+            if r is not runtime
+            and r.name in self._claims
+            and r.name not in already
+            and r.state is State.ROUTING
+            and r.pending == 0
+        ]
+        for name, needs in schemes:
+            victims = scheduler.plan_eviction(name, needs, devices, holders)
+            if victims:
+                return victims
+        return []
+
+    def release(self, name: str) -> None:
+        self._claims.pop(name, None)
+
+    def _claims_of(self, exclude: str) -> list[Claim]:
+        out = []
+        for name, held in self._claims.items():
+            if name == exclude:
+                continue
+            # A routing model's memory already shows in probed readings.
+            reflected = self.resolve(name).state is State.ROUTING
+            out += [Claim(name, key, mib, reflected) for key, mib in held]
+        return out
+
+    # --- bulk operations ----------------------------------------------------------------
+
+    async def stop_all(self, reason: str = "stop-all requested") -> list[str]:
+        active = [r for r in self.runtimes if r.state is not State.STOPPED]
+        results = await asyncio.gather(*(r.stop(reason) for r in active), return_exceptions=True)
+        return [r.name for r, ok in zip(active, results, strict=True) if ok is True]
+
+    async def restart_autostart(self) -> tuple[list[str], dict[str, str]]:
+        """Restart every auto_start model; returns (started, {name: error})."""
+        targets = [r for r in self.runtimes if r.spec.auto_start]
+        await asyncio.gather(*(r.stop("restart-autostart") for r in targets))
+        results = await asyncio.gather(*(r.ensure_ready() for r in targets), return_exceptions=True)
+        started, failed = [], {}
+        for runtime, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                failed[runtime.name] = str(result)
+            else:
+                started.append(runtime.name)
+        return started, failed
+
+    async def _autostart(self) -> None:
+        targets = [r for r in self.runtimes if r.spec.auto_start]
+        results = await asyncio.gather(*(r.ensure_ready() for r in targets), return_exceptions=True)
+        for runtime, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("auto-start of %s failed: %s", runtime.name, result)
+
+    async def _idle_loop(self) -> None:
+        timeouts = [r.idle_timeout for r in self.runtimes if r.idle_timeout > 0]
+        if not timeouts:
+            return
+        tick = min(1.0, max(0.05, min(timeouts) / 10))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for runtime in self.runtimes:
+                if runtime.idle_due(now):
+                    minutes = runtime.idle_timeout / 60
+                    self._spawn(runtime.stop(f"idle {minutes:g} min"), f"idle stop {runtime.name}")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing

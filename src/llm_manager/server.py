@@ -1,0 +1,80 @@
+"""Running the HTTP server: our own socket, our own signal handling, exit status 0.
+
+uvicorn's own signal capture re-raises SIGTERM after shutdown, which makes the process
+exit with -15; a manager asked to stop is not a failure, so signals are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Generator
+from contextlib import contextmanager
+
+import uvicorn
+
+from llm_manager.app import Application
+from llm_manager.config import LoadedConfig
+
+log = logging.getLogger("llm_manager")
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            # Only record the request; uvicorn's main loop acts on it.
+            log.info("received %s: shutting down", sig.name)
+            if self.should_exit and sig is signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(loaded: LoadedConfig, host: str, port: int, log_level: str) -> int:
+    sock = bind(host, port)
+    actual = sock.getsockname()[1]
+    application = await Application.create(loaded)
+    config = uvicorn.Config(
+        application.asgi,
+        log_level=log_level.lower(),
+        access_log=log_level.lower() == "debug",
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
+        log_config=None,
+    )
+    server = _Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    log.info(
+        "LLM-Manager listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)",
+        shown,
+        actual,
+        shown,
+        actual,
+    )
+    await server.serve(sockets=[sock])
+    return 0 if server.started else 1
