@@ -7,6 +7,7 @@ Every problem in a file is reported at once, each with its YAML path
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -42,6 +44,8 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[unit]
     else:
         raise ValueError("a duration is a number of seconds or a string like 90s, 5m, 1h")
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -102,10 +106,23 @@ class DeviceConfig(_Strict):
     online: bool = Field(True, description="Whether the device is present.")
 
 
+def _device_key(key: str) -> str:
+    # Checked per key (not on the whole mapping) so that a bad key is reported together
+    # with bad sizes in the same mapping, each at its own line.
+    if not key.strip():
+        raise ValueError("a device key cannot be empty")
+    if key.lower().startswith("cuda:") and not key[5:].isdigit():
+        raise ValueError(f"device key {key!r}: use cuda:N with N a GPU index")
+    return key
+
+
+DeviceKey = Annotated[str, AfterValidator(_device_key)]
+
+
 class SchemeConfig(_Strict):
     """One way to start a model on one combination of devices."""
 
-    devices: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    devices: dict[DeviceKey, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,
         description="Device key -> MiB the model needs there (0 = must be present).",
     )
@@ -118,23 +135,20 @@ class SchemeConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_launcher(self) -> SchemeConfig:
-        if (self.command is None) == (self.script is None):
-            raise ValueError("a scheme needs exactly one of 'command' or 'script'")
-        if isinstance(self.command, list) and not self.command:
-            raise ValueError("'command' is an empty list")
-        if isinstance(self.command, str) and not self.command.strip():
-            raise ValueError("'command' is empty")
+        problem = _launcher_problem(self.command, self.script)
+        if problem:
+            raise ValueError(problem)
         return self
 
-    @field_validator("devices")
-    @classmethod
-    def _device_keys(cls, value: dict[str, int]) -> dict[str, int]:
-        for key in value:
-            if not key.strip():
-                raise ValueError("a device key cannot be empty")
-            if key.lower().startswith("cuda:") and not key[5:].isdigit():
-                raise ValueError(f"device key {key!r}: use cuda:N with N a GPU index")
-        return value
+
+def _launcher_problem(command: object, script: object) -> str | None:
+    if (command is None) == (script is None):
+        return "a scheme needs exactly one of 'command' or 'script'"
+    if isinstance(command, list) and not command:
+        return "'command' is an empty list"
+    if isinstance(command, str) and not command.strip():
+        return "'command' is empty"
+    return None
 
 
 class ModelConfig(_Strict):
@@ -204,19 +218,36 @@ class LoadedConfig:
 # --- YAML with line numbers -------------------------------------------------------------
 
 
-def _node_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+# Both walks skip a node already being walked above them: a YAML alias can refer to one of
+# its own ancestors (``a: &x [*x]``), which would otherwise recurse without end.
+
+
+def _node_lines(
+    node: yaml.Node,
+    path: tuple[str, ...],
+    out: dict[tuple[str, ...], int],
+    active: frozenset[int] = frozenset(),
+) -> None:
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in active:
+        return
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = str(key_node.value)
             out[(*path, key)] = key_node.start_mark.line + 1
-            _node_lines(value_node, (*path, key), out)
+            _node_lines(value_node, (*path, key), out, active)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _node_lines(item, (*path, str(i)), out)
+            _node_lines(item, (*path, str(i)), out, active)
 
 
-def _duplicate_keys(node: yaml.Node, path: tuple[str, ...]) -> Iterator[ConfigProblem]:
+def _duplicate_keys(
+    node: yaml.Node, path: tuple[str, ...], active: frozenset[int] = frozenset()
+) -> Iterator[ConfigProblem]:
+    if id(node) in active:
+        return
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -226,10 +257,10 @@ def _duplicate_keys(node: yaml.Node, path: tuple[str, ...]) -> Iterator[ConfigPr
                     ".".join((*path, key)), key_node.start_mark.line + 1, "duplicate key"
                 )
             seen.add(key)
-            yield from _duplicate_keys(value_node, (*path, key))
+            yield from _duplicate_keys(value_node, (*path, key), active)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, (*path, str(i)))
+            yield from _duplicate_keys(item, (*path, str(i)), active)
 
 
 def _line_for(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int | None:
@@ -242,8 +273,23 @@ def _line_for(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int |
         path = path[:-1]
 
 
-def _format_pydantic(error: Any) -> tuple[tuple[str, ...], str]:
-    loc = tuple(str(p) for p in error["loc"])
+def _is_tag(part: str) -> bool:
+    """Loc parts pydantic adds that are not YAML keys (union branches, key validation)."""
+    return part in ("str", "int", "list[str]", "[key]") or part.startswith("function-")
+
+
+def _format_pydantic(
+    error: Any, lines: dict[tuple[str, ...], int] | None = None
+) -> tuple[tuple[str, ...], str]:
+    known = lines or {}
+    loc: tuple[str, ...] = ()
+    # Union branches and Annotated wrappers add loc parts that are not YAML keys. A part
+    # that names a key present in the file is always kept, so that a model called
+    # "stream-llm" or a device key "strix halo" is not cut out of the path.
+    for part in (str(p) for p in error["loc"]):
+        if _is_tag(part) and (*loc, part) not in known:
+            continue
+        loc = (*loc, part)
     kind = error["type"]
     msg = str(error["msg"])
     if kind == "missing":
@@ -252,8 +298,6 @@ def _format_pydantic(error: Any) -> tuple[tuple[str, ...], str]:
         msg = "unknown key (not part of the configuration)"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    # Union branches and Annotated wrappers add loc parts that are not YAML keys.
-    loc = tuple(p for p in loc if not (p.startswith(("function-", "list[", "str")) or p == "int"))
     return loc, msg
 
 
@@ -262,7 +306,7 @@ def _normalise(name: str) -> str:
 
 
 def _cross_checks(raw: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
-    """Checks across models: unique names/aliases and ports, known placeholders."""
+    """Checks across models (unique names/aliases and ports), and launchers on raw data."""
     models = raw.get("models")
     if not isinstance(models, dict):
         return
@@ -277,6 +321,16 @@ def _cross_checks(raw: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                 names += [
                     (("models", name, "aliases", str(i)), str(a)) for i, a in enumerate(aliases)
                 ]
+            schemes = model.get("schemes")
+            if isinstance(schemes, dict):
+                # Also checked by SchemeConfig; repeated on the raw data because pydantic
+                # skips a model validator when a field of the same scheme is invalid, and
+                # every problem must be reported in one pass (duplicates are dropped).
+                for scheme_name, scheme in schemes.items():
+                    if isinstance(scheme, dict):
+                        problem = _launcher_problem(scheme.get("command"), scheme.get("script"))
+                        if problem:
+                            yield (("models", name, "schemes", str(scheme_name)), problem)
             port = model.get("port")
             if isinstance(port, int) and not isinstance(port, bool):
                 if port in ports:
@@ -309,7 +363,7 @@ def validate_data(raw: Any, source: str, lines: dict[tuple[str, ...], int]) -> C
         config = Config.model_validate(raw)
     except ValidationError as exc:
         for err in exc.errors():
-            loc, msg = _format_pydantic(err)
+            loc, msg = _format_pydantic(err, lines)
             problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
     for loc, msg in _cross_checks(raw):
         problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))

@@ -21,7 +21,27 @@ from llm_manager.config import LoadedConfig
 log = logging.getLogger("llm_manager")
 
 
+class EarlySignals:
+    """Records SIGINT/SIGTERM that arrive before the server's own handlers are in place
+    (while the config loads and the app is built), so that they still end in a clean
+    shutdown with exit status 0 instead of the default death by signal."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+
+
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, early: EarlySignals | None) -> None:
+        super().__init__(config)
+        self._early = early
+
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         loop = asyncio.get_running_loop()
@@ -36,6 +56,8 @@ class _Server(uvicorn.Server):
         sigs = (signal.SIGINT, signal.SIGTERM)
         for sig in sigs:
             loop.add_signal_handler(sig, on_signal, sig)
+        if self._early is not None and self._early.received:
+            on_signal(signal.Signals(self._early.received[0]))
         try:
             yield
         finally:
@@ -53,7 +75,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(loaded: LoadedConfig, host: str, port: int, log_level: str) -> int:
+async def serve(
+    loaded: LoadedConfig,
+    host: str,
+    port: int,
+    log_level: str,
+    early: EarlySignals | None = None,
+) -> int:
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     application = await Application.create(loaded)
@@ -67,7 +95,7 @@ async def serve(loaded: LoadedConfig, host: str, port: int, log_level: str) -> i
         timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
         log_config=None,
     )
-    server = _Server(config)
+    server = _Server(config, early)
     shown = f"[{host}]" if ":" in host else host
     log.info(
         "LLM-Manager listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)",
@@ -77,4 +105,6 @@ async def serve(loaded: LoadedConfig, host: str, port: int, log_level: str) -> i
         actual,
     )
     await server.serve(sockets=[sock])
+    if early is not None and early.received and not server.started:
+        return 0  # asked to stop before it had started: not a failure
     return 0 if server.started else 1

@@ -105,18 +105,56 @@ def fit_scheme(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -
     assignment: dict[str, str] = {}
     taken: set[str] = set()
     # Biggest needs first, so a large claim is not starved by a small one on a shared name.
-    for key, mib in sorted(needs.items(), key=lambda kv: -kv[1]):
+    order = sorted(needs.items(), key=lambda kv: -kv[1])
+    for key, mib in order:
         candidates = [d for d in devices if d.online and d.key not in taken and matches(key, d)]
         if not candidates:
-            return Shortfall(name, key, mib, 0, missing=True)
+            shortfall = Shortfall(name, key, mib, 0, missing=True)
+            break
         roomy = [d for d in candidates if d.memory_free >= mib]
         if not roomy:
             best = max(candidates, key=lambda d: d.memory_free)
-            return Shortfall(name, key, mib, best.memory_free, missing=False)
+            shortfall = Shortfall(name, key, mib, best.memory_free, missing=False)
+            break
         chosen = max(roomy, key=lambda d: d.memory_free)
         assignment[key] = chosen.key
         taken.add(chosen.key)
-    return Fit(name, assignment, {assignment[k]: mib for k, mib in needs.items()})
+    else:
+        return Fit(name, assignment, {assignment[k]: mib for k, mib in needs.items()})
+    # The greedy pass can take the one device a later key needed (a name key grabbing
+    # cuda:1 before a "cuda:1" key); look for any distinct assignment before giving up.
+    matched = _match(order, [d for d in devices if d.online])
+    if matched is not None:
+        return Fit(name, matched, {matched[k]: mib for k, mib in needs.items()})
+    return shortfall
+
+
+def _match(order: Sequence[tuple[str, int]], online: Sequence[Device]) -> dict[str, str] | None:
+    """A distinct device with room for every key (bipartite matching), or None."""
+    options = {
+        key: [
+            d.key
+            for d in sorted(online, key=lambda d: -d.memory_free)
+            if matches(key, d) and d.memory_free >= mib
+        ]
+        for key, mib in order
+    }
+    owner: dict[str, str] = {}  # Device.key -> scheme key
+
+    def augment(key: str, seen: set[str]) -> bool:
+        for dev in options[key]:
+            if dev in seen:
+                continue
+            seen.add(dev)
+            if dev not in owner or augment(owner[dev], seen):
+                owner[dev] = key
+                return True
+        return False
+
+    for key, _ in order:
+        if not augment(key, set()):
+            return None
+    return {key: dev for dev, key in owner.items()}
 
 
 def is_present(needs: Mapping[str, int], devices: Sequence[Device]) -> bool:

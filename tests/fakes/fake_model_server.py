@@ -1,0 +1,156 @@
+"""A fake OpenAI-compatible model server, run as a real child process by the tests.
+
+Switches provoke the faults a real engine shows: slow start, never healthy, exit at
+start, crash after N streamed chunks, ignore SIGTERM, fork a grandchild, flood the log.
+Every spawn can be recorded (``--spawn-log``) so tests count processes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--name", default="fake")
+    p.add_argument("--slow-start", type=float, default=0.0, help="health 503 for N seconds")
+    p.add_argument("--never-healthy", action="store_true")
+    p.add_argument("--exit-at-start", type=int, default=None, help="exit with this code")
+    p.add_argument("--exit-after", type=float, default=None, help="exit 3 after N seconds")
+    p.add_argument("--crash-after-chunks", type=int, default=None)
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--fork-grandchild", action="store_true")
+    p.add_argument("--spawn-log", default=None, help="append 'pid' lines here")
+    p.add_argument("--no-health", action="store_true", help="/health answers 404")
+    p.add_argument("--chunks", type=int, default=5, help="streamed chunks per response")
+    p.add_argument("--chunk-delay", type=float, default=0.0)
+    p.add_argument("--print-lines", type=int, default=0, help="print N log lines at start")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.spawn_log:
+        with open(args.spawn_log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    print(f"fake model server {args.name} starting on port {args.port}", flush=True)
+    for i in range(args.print_lines):
+        print(f"log line {i}", flush=True)
+    if args.exit_at_start is not None:
+        print("fatal: exiting at start as asked", file=sys.stderr, flush=True)
+        sys.exit(args.exit_at_start)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.fork_grandchild:
+        pid = os.fork()
+        if pid == 0:  # the grandchild: sleeps until killed, like an engine's worker
+            if args.spawn_log:
+                with open(args.spawn_log + ".grandchild", "a") as f:
+                    f.write(f"{os.getpid()}\n")
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(1)
+    asyncio.run(serve(args))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+
+    async def health(_: web.Request) -> web.Response:
+        if args.no_health:
+            return web.json_response({"error": "no such route"}, status=404)
+        if args.never_healthy or time.monotonic() - started < args.slow_start:
+            return web.json_response({"status": "loading"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": args.name, "object": "model", "owned_by": "fake"}]}
+        )
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        usage = {
+            "prompt_tokens": 7,
+            "completion_tokens": args.chunks,
+            "total_tokens": 7 + args.chunks,
+        }
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", args.name),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hello " * args.chunks},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(args.chunks):
+            if args.crash_after_chunks is not None and i >= args.crash_after_chunks:
+                os._exit(7)
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+            }
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if args.chunk_delay:
+                await asyncio.sleep(args.chunk_delay)
+        final = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "choices": [],
+            "usage": usage,
+        }
+        await resp.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input", [])
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i in range(len(inputs))
+        ]
+        usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        return web.json_response({"object": "list", "data": data, "usage": usage})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    print(f"fake model server {args.name} listening", flush=True)
+    if args.exit_after is not None:
+        await asyncio.sleep(args.exit_after)
+        print("crashing as asked", file=sys.stderr, flush=True)
+        os._exit(3)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
