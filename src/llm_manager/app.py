@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,37 +11,68 @@ import aiohttp
 from fastapi import FastAPI
 
 from llm_manager import __version__
-from llm_manager.api import errors, models, system
+from llm_manager.api import errors, models, system, usage
+from llm_manager.asgi import Dispatcher
 from llm_manager.config import LoadedConfig
 from llm_manager.devices.cpu import CpuProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.devices.static import StaticProvider
+from llm_manager.errors import ManagerError
+from llm_manager.gateway.forward import Gateway, GatewaySettings, Receive, Scope, Send
 from llm_manager.messages import Messages
 from llm_manager.models.supervisor import Supervisor
+from llm_manager.store.db import Database
+from llm_manager.store.usage import UsageStore
 
 
 class Application:
     """One running manager. Build it inside the event loop (``await Application.create``)."""
 
-    def __init__(self, loaded: LoadedConfig, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, loaded: LoadedConfig, http: aiohttp.ClientSession, fresh: aiohttp.ClientSession
+    ) -> None:
         config = loaded.config
+        server = config.server
         self.loaded = loaded
         self.http = http
+        self.fresh = fresh
         self.monitor = DeviceMonitor([CpuProvider(), StaticProvider(config.devices)])
         self.supervisor = Supervisor(loaded, self.monitor, http)
-        self.asgi = self._build_asgi(Messages(config.server.language))
+        self.db = Database(server.data_dir / "llm-manager.db")
+        self.usage = UsageStore(self.db)
+        self.gateway = Gateway(
+            self.supervisor,
+            GatewaySettings(
+                max_body_bytes=server.max_body_bytes,
+                connect_timeout=server.connect_timeout,
+                read_timeout=server.read_timeout,
+            ),
+            pooled=http,
+            fresh=fresh,
+            record=self.usage.add,
+            error=_gateway_error,
+        )
+        self.management = self._build_management(Messages(server.language))
+        self.asgi = Dispatcher(self.management, self.gateway)
 
     @classmethod
     async def create(cls, loaded: LoadedConfig) -> Application:
-        # Health probes and (later) forwarding share one pool; no total timeout here,
-        # each call sets its own.
+        # One pool for health probes and forwarding. Its idle keep-alive (4 s) stays below
+        # llama.cpp's (5 s), so the pool drops a connection before the engine does.
+        # No session-wide timeout: each call sets its own.
         http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+            auto_decompress=False,
         )
-        return cls(loaded, http)
+        fresh = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            auto_decompress=False,
+        )
+        return cls(loaded, http, fresh)
 
-    def _build_asgi(self, say: Messages) -> FastAPI:
+    def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             await self.startup()
@@ -58,10 +90,12 @@ class Application:
         errors.install(app)
         app.include_router(system.router(self.supervisor, created=int(time.time())))
         app.include_router(models.router(self.supervisor, say))
+        app.include_router(usage.router(self.supervisor, self.usage))
         return app
 
     async def startup(self) -> None:
         self.loaded.config.server.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.db.open)
         await self.supervisor.start()
 
     async def shutdown(self) -> None:
@@ -69,3 +103,9 @@ class Application:
             await self.supervisor.shutdown()
         finally:
             await self.http.close()
+            await self.fresh.close()
+            await asyncio.to_thread(self.db.close)
+
+
+async def _gateway_error(scope: Scope, receive: Receive, send: Send, exc: ManagerError) -> None:
+    await errors.from_error(scope["path"], exc)(scope, receive, send)

@@ -89,6 +89,15 @@ class ServerConfig(_Strict):
     admin_keys: list[str] = Field(
         default_factory=list, description="Keys required for mutating /api/* endpoints."
     )
+    connect_timeout: Duration = Field(
+        10.0, gt=0, description="Connecting to a running model server, else 502."
+    )
+    read_timeout: Duration = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for the model server's next bytes (first byte included), "
+        "else 504 (or the stream ends).",
+    )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."
     )
@@ -166,6 +175,9 @@ class ModelConfig(_Strict):
     health_path: str = Field("/health", description="Readiness probe path; 200 means ready.")
     max_concurrency: int = Field(
         0, ge=0, description="0 = unlimited; above it requests wait in a queue."
+    )
+    max_queue: int = Field(
+        100, ge=0, description="Requests that may wait for a slot; beyond it 429."
     )
     schemes: dict[str, SchemeConfig] = Field(
         min_length=1, description="Start schemes, tried in order."

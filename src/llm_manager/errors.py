@@ -8,6 +8,7 @@ class ManagerError(Exception):
 
     status = 500
     kind = "internal_error"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only class default
 
     def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)

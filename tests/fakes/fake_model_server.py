@@ -104,17 +104,23 @@ async def serve(args: argparse.Namespace) -> None:
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(args.chunks):
-            if args.crash_after_chunks is not None and i >= args.crash_after_chunks:
-                os._exit(7)
-            chunk = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
-            }
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if args.chunk_delay:
-                await asyncio.sleep(args.chunk_delay)
+        try:
+            for i in range(args.chunks):
+                if args.crash_after_chunks is not None and i >= args.crash_after_chunks:
+                    os._exit(7)
+                chunk = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "choices": [
+                        {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}
+                    ],
+                }
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if args.chunk_delay:
+                    await asyncio.sleep(args.chunk_delay)
+        except (ConnectionError, asyncio.CancelledError):
+            print("stream cancelled by client", flush=True)
+            raise
         final = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
@@ -136,7 +142,86 @@ async def serve(args: argparse.Namespace) -> None:
         usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
         return web.json_response({"object": "list", "data": data, "usage": usage})
 
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        if args.chunk_delay:
+            try:
+                await asyncio.sleep(args.chunk_delay)
+            except asyncio.CancelledError:
+                print("echo cancelled by client", flush=True)
+                raise
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": dict(request.headers),
+                "body": body.decode("utf-8", "replace"),
+            },
+            headers={"X-Fake": "yes"},
+        )
+
+    async def completions(request: web.Request) -> web.Response:
+        await request.json()
+        return web.json_response(
+            {
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "once upon", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+                "timings": {"cache_n": 1, "prompt_n": 2, "predicted_n": 2},
+            }
+        )
+
+    async def rerank(request: web.Request) -> web.Response:
+        body = await request.json()
+        docs = body.get("documents", [])
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
+        return web.json_response(
+            {
+                "object": "rerank",
+                "results": results,
+                "usage": {"prompt_tokens": 9, "total_tokens": 9},
+            }
+        )
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": 11, "output_tokens": 4},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = [
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {"usage": {"input_tokens": 11, "output_tokens": 1}},
+                },
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hi"}},
+            ),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 4}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        for name, data in events:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
+    app.router.add_route("*", "/v1/echo", echo)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/rerank", rerank)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)

@@ -28,7 +28,12 @@ _KINDS = {
 
 
 def error_response(
-    path: str, status: int, message: str, detail: str | None = None, kind: str | None = None
+    path: str,
+    status: int,
+    message: str,
+    detail: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if path == "/v1" or path.startswith("/v1/"):
         body: dict[str, object] = {
@@ -42,13 +47,17 @@ def error_response(
         }
     else:
         body = {"success": False, "message": message, "error": detail or message}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def from_error(path: str, exc: ManagerError) -> JSONResponse:
+    return error_response(path, exc.status, exc.message, exc.detail, exc.kind, exc.headers)
 
 
 def install(app: FastAPI) -> None:
     async def on_manager_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ManagerError)
-        return error_response(request.url.path, exc.status, exc.message, exc.detail, exc.kind)
+        return from_error(request.url.path, exc)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

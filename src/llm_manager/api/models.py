@@ -17,7 +17,7 @@ ALL_MODELS = "all-models"
 def router(supervisor: Supervisor, say: Messages) -> APIRouter:
     api = APIRouter(prefix="/api/models", tags=["models"])
 
-    @api.get("/{alias}/info", summary="One model's details, or every model's with all-models")
+    @api.get("/{alias:path}/info", summary="One model's details, or every model's with all-models")
     async def info(alias: str) -> dict[str, Any]:
         devices = (await supervisor.monitor.snapshot()).devices
         if alias == ALL_MODELS:
@@ -32,7 +32,7 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         runtime = supervisor.resolve(alias)
         return {"success": True, "model": model_info(supervisor, runtime, devices)}
 
-    @api.post("/{alias}/start", summary="Start a model; waits until it is ready or failed")
+    @api.post("/{alias:path}/start", summary="Start a model; waits until it is ready or failed")
     async def start(alias: str) -> dict[str, Any]:
         runtime = supervisor.resolve(alias)
         was_routing = runtime.state is State.ROUTING
@@ -40,7 +40,7 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         key = "already_running" if was_routing else "started"
         return {"success": True, "message": say(key, name=runtime.name)}
 
-    @api.post("/{alias}/stop", summary="Stop a model (SIGTERM, then SIGKILL after stop_timeout)")
+    @api.post("/{alias:path}/stop", summary="Stop a model (SIGTERM, then SIGKILL after stop_timeout)")
     async def stop(alias: str) -> dict[str, Any]:
         runtime = supervisor.resolve(alias)
         stopped = await runtime.stop("stop requested")

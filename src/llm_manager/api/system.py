@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from llm_manager import __version__
 from llm_manager.api.views import running_count
+from llm_manager.models.runtime import ModelRuntime
 from llm_manager.models.supervisor import Supervisor
 
 
@@ -30,22 +31,23 @@ def router(supervisor: Supervisor, created: int) -> APIRouter:
             "running_models": running_count(supervisor.runtimes),
         }
 
+    def entry(runtime: ModelRuntime) -> dict[str, Any]:
+        return {
+            "id": runtime.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "user",
+            "aliases": list(runtime.spec.aliases),
+            "mode": runtime.spec.mode,
+            "status": runtime.state.value,
+        }
+
     @api.get("/v1/models", summary="Models (OpenAI list format)")
     async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": r.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "user",
-                    "aliases": list(r.spec.aliases),
-                    "mode": r.spec.mode,
-                    "status": r.state.value,
-                }
-                for r in supervisor.runtimes
-            ],
-        }
+        return {"object": "list", "data": [entry(r) for r in supervisor.runtimes]}
+
+    @api.get("/v1/models/{model:path}", summary="One model (OpenAI retrieve format)")
+    async def get_model(model: str) -> dict[str, Any]:
+        return entry(supervisor.resolve(model))
 
     return api

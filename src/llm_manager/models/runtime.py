@@ -21,6 +21,7 @@ from llm_manager.config import ModelConfig
 from llm_manager.errors import ManagerError, ModelStopped, StartFailed
 from llm_manager.logs import ModelLog
 from llm_manager.models import launch
+from llm_manager.models.gate import ConcurrencyGate
 from llm_manager.models.process import ModelProcess
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.runstate import RunState
@@ -81,6 +82,7 @@ class ModelRuntime:
         self.scheme: str | None = None  # scheme of the current (or last) run
         self.port: int | None = spec.port
         self.pending = 0
+        self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
         self.start_count = 0
         self.last_used = time.monotonic()
         self._proc: ModelProcess | None = None

@@ -1,0 +1,388 @@
+"""The forwarding route: any request that names a model is relayed to that model's server.
+
+This is the hot path, kept as a plain ASGI callable: no framework validation, no
+re-serialisation of the body, the answer relayed chunk by chunk as it arrives, usage
+scanned incrementally. The client leaving cancels the upstream request at once, even
+before the model has answered a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import aiohttp
+
+from llm_manager.errors import BadRequest, ManagerError
+from llm_manager.gateway import endpoints
+from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
+from llm_manager.models.runtime import ModelRuntime
+from llm_manager.models.supervisor import Supervisor
+from llm_manager.store.usage import RequestRecord
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay sets itself.
+_DROP_REQUEST = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+    }
+)
+_NO_BUFFERING = (b"x-accel-buffering", b"no")
+_JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
+
+
+class BodyTooLarge(ManagerError):
+    status = 413
+    kind = "invalid_request_error"
+
+
+class MethodNotAllowed(ManagerError):
+    status = 405
+    kind = "invalid_request_error"
+
+
+class RouteNotFound(ManagerError):
+    status = 404
+    kind = "not_found_error"
+
+
+class UpstreamFailed(ManagerError):
+    status = 502
+    kind = "upstream_error"
+
+
+class UpstreamTimeout(ManagerError):
+    status = 504
+    kind = "timeout_error"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_body_bytes: int
+    connect_timeout: float
+    read_timeout: float
+
+
+ErrorResponder = Callable[[Scope, Receive, Send, ManagerError], Awaitable[None]]
+RecordSink = Callable[[RequestRecord], None]
+
+
+class Gateway:
+    """ASGI app for ``ANY /{path}``. Stateless apart from the two client sessions."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        settings: GatewaySettings,
+        *,
+        pooled: aiohttp.ClientSession,
+        fresh: aiohttp.ClientSession,
+        record: RecordSink,
+        error: ErrorResponder,
+    ) -> None:
+        self._supervisor = supervisor
+        self._settings = settings
+        self._pooled = pooled
+        self._fresh = fresh  # force_close: a retry that cannot meet a stale connection
+        self._record = record
+        self._error = error
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            body = await self._read_body(scope, receive)
+            runtime = self._target(scope, body)
+        except _ClientGone:
+            return
+        except ManagerError as exc:
+            await self._error(scope, receive, send, exc)
+            return
+        await self._serve(runtime, scope, receive, send, body)
+
+    # --- request checks ---------------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self._settings.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BadRequest("invalid Content-Length header") from None
+                if declared > limit:
+                    raise BodyTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def _target(self, scope: Scope, body: bytes) -> ModelRuntime:
+        path: str = scope["path"]
+        kind = endpoints.kind_of(path)
+        if kind is not None and scope["method"] != "POST":
+            raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
+        name = _model_name(scope, body)
+        if name is None:
+            if kind is None:
+                raise RouteNotFound(f"no route {path} and no model named in the request")
+            raise BadRequest("the request names no model: set 'model' in the JSON body")
+        runtime = self._supervisor.resolve(name)
+        if not endpoints.allowed(runtime.spec.mode, kind):
+            raise BadRequest(
+                f"model {runtime.name!r} is a {runtime.spec.mode} model and does not serve {path}"
+            )
+        return runtime
+
+    # --- relaying ---------------------------------------------------------------------------
+
+    async def _serve(
+        self, runtime: ModelRuntime, scope: Scope, receive: Receive, send: Send, body: bytes
+    ) -> None:
+        record = RequestRecord(runtime.name, scope["path"], scope["method"])
+        began = time.perf_counter()
+        runtime.acquire()
+        relay = asyncio.create_task(self._relay(runtime, scope, receive, send, body, record, began))
+        watch = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not relay.done():
+                relay.cancel()  # the client left: stop waiting, queueing or generating
+                record.status = 499
+                record.error = "client disconnected"
+                await asyncio.wait((relay,))
+        except asyncio.CancelledError:
+            relay.cancel()
+            raise
+        finally:
+            watch.cancel()
+            runtime.release()
+            record.ended_at = time.time()
+            record.duration_ms = (time.perf_counter() - began) * 1000
+            self._record(record)
+        if not relay.cancelled() and (exc := relay.exception()) is not None:
+            raise exc
+
+    async def _relay(
+        self,
+        runtime: ModelRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        record: RequestRecord,
+        began: float,
+    ) -> None:
+        gate = runtime.gate
+        try:
+            await gate.acquire()
+        except ManagerError as exc:
+            record.status, record.error = exc.status, exc.message
+            await self._error(scope, receive, send, exc)
+            return
+        try:
+            try:
+                base = await runtime.ensure_ready()
+                upstream = await self._open(base, scope, body)
+            except ManagerError as exc:
+                record.status, record.error = exc.status, exc.message
+                await self._error(scope, receive, send, exc)
+                return
+            try:
+                await self._pipe(upstream, send, record, began)
+            finally:
+                upstream.release()
+        finally:
+            gate.release()
+
+    async def _open(self, base: str, scope: Scope, body: bytes) -> aiohttp.ClientResponse:
+        url = base + scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST
+        ]
+        headers.append(("Accept-Encoding", "identity"))  # relay bytes as they are
+        method: str = scope["method"]
+        try:
+            try:
+                return await self._request(self._pooled, method, url, headers, body)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The engine closed a pooled keep-alive connection (llama.cpp does, after its
+                # keep-alive timeout and after some streams). Nothing reached the client yet:
+                # try once more on a connection that is certainly new.
+                return await self._request(self._fresh, method, url, headers, body)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(
+                f"the model server did not answer within {self._settings.read_timeout:g} s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailed(f"the model server failed: {exc}") from None
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> aiohttp.ClientResponse:
+        return await session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=self._timeout,
+            allow_redirects=False,
+            auto_decompress=False,
+        )
+
+    async def _pipe(
+        self,
+        upstream: aiohttp.ClientResponse,
+        send: Send,
+        record: RequestRecord,
+        began: float,
+    ) -> None:
+        record.status = upstream.status
+        content_type = upstream.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        scan_json = "json" in content_type
+        record.stream = sse
+        headers = [
+            (k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE
+        ]
+        headers.append(_NO_BUFFERING)
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        scanner = SSEUsageScanner() if sse else None
+        kept: list[bytes] = []
+        kept_size = 0
+        try:
+            async for chunk in upstream.content.iter_any():
+                if record.ttfb_ms is None:
+                    record.ttfb_ms = (time.perf_counter() - began) * 1000
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if scanner is not None:
+                    scanner.feed(chunk)
+                elif scan_json and kept_size <= _JSON_SCAN_LIMIT:
+                    kept.append(chunk)
+                    kept_size += len(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: the status cannot change. An event stream gets an error
+            # event (OpenAI clients raise it); other bodies are cut short.
+            record.status = 502
+            record.error = f"model server failed mid-response: {exc!r}"
+            if sse:
+                event = {"error": {"message": record.error, "type": "upstream_error", "code": 502}}
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+            else:
+                raise
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if scanner is not None:
+                _apply(record, scanner.finish())
+            elif kept and kept_size <= _JSON_SCAN_LIMIT:
+                _apply(record, from_json_bytes(b"".join(kept)))
+        if record.ttfb_ms is None:
+            record.ttfb_ms = (time.perf_counter() - began) * 1000
+
+
+def _apply(record: RequestRecord, usage: Usage) -> None:
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.cache_n = usage.cache_n
+    record.prompt_n = usage.prompt_n
+    record.predicted_n = usage.predicted_n
+
+
+def _model_name(scope: Scope, body: bytes) -> str | None:
+    """``model`` from the JSON body, else from ``?model=``; a present but bad one is 400."""
+    query_model: str | None = None
+    if scope["query_string"]:
+        for key, value in parse_qsl(scope["query_string"].decode("latin-1")):
+            if key == "model" and value:
+                query_model = value
+    stripped = body.lstrip()
+    if not stripped:
+        return query_model
+    if stripped[:1] not in (b"{", b"["):
+        if query_model is not None:
+            return query_model  # not JSON (a file upload): ?model= names the model
+        raise BadRequest("the request body is not JSON")
+    try:
+        payload: object = json.loads(body)
+    except ValueError as exc:
+        if query_model is not None:
+            return query_model
+        raise BadRequest(f"invalid JSON in the request body: {exc}") from None
+    if not isinstance(payload, dict):
+        if query_model is not None:
+            return query_model
+        raise BadRequest("the request body must be a JSON object")
+    if "model" not in payload:
+        return query_model
+    name = payload["model"]
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest("'model' must be a non-empty string")
+    return name
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,189 @@
+"""Token usage extraction from relayed responses, without buffering or re-parsing them whole.
+
+Understood: OpenAI ``usage`` (prompt/completion tokens), llama.cpp ``timings`` (``cache_n``,
+``prompt_n``, ``predicted_n``; some builds put ``cache_n``/``prompt_n`` in ``usage``),
+Anthropic ``input_tokens``/``output_tokens`` (``message_start`` then ``message_delta`` when
+streamed), and the Responses API (``response.completed`` carries ``response.usage``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+_DECODER = json.JSONDecoder()
+_MARKERS = (b'"usage"', b'"timings"')
+MAX_SSE_LINE = 1 << 20  # a data line longer than this cannot be scanned; it is skipped
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cache_n: int | None = None
+    prompt_n: int | None = None
+    predicted_n: int | None = None
+
+    def merge(self, other: Usage) -> None:
+        """Take every field the other one knows (later events refine earlier ones)."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if value is not None:
+                setattr(self, f.name, value)
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def from_object(obj: object) -> Usage:
+    """Usage from one decoded JSON object (a whole response or one SSE event)."""
+    usage = Usage()
+    if not isinstance(obj, dict):
+        return usage
+    # Responses API and Anthropic's message_start nest the object that holds usage.
+    for key in ("response", "message"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and ("usage" in inner or "timings" in inner):
+            usage.merge(from_object(inner))
+    raw = obj.get("usage")
+    if isinstance(raw, dict):
+        prompt = _int(raw.get("prompt_tokens"))
+        if prompt is None:
+            prompt = _int(raw.get("input_tokens"))
+            cached = _int(raw.get("cache_read_input_tokens"))
+            created = _int(raw.get("cache_creation_input_tokens"))
+            if prompt is not None and (cached or created):
+                # Anthropic counts cached input apart from input_tokens.
+                prompt += (cached or 0) + (created or 0)
+        completion = _int(raw.get("completion_tokens"))
+        if completion is None:
+            completion = _int(raw.get("output_tokens"))
+        usage.merge(
+            Usage(
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cache_n=_int(raw.get("cache_n")),
+                prompt_n=_int(raw.get("prompt_n")),
+            )
+        )
+    timings = obj.get("timings")
+    if isinstance(timings, dict):
+        usage.merge(
+            Usage(
+                cache_n=_int(timings.get("cache_n")),
+                prompt_n=_int(timings.get("prompt_n")),
+                predicted_n=_int(timings.get("predicted_n")),
+            )
+        )
+    return usage
+
+
+def from_json_bytes(body: bytes) -> Usage:
+    """Usage from a whole non-streamed JSON body.
+
+    Only the ``usage``/``timings`` objects are decoded (found by their key), so a large
+    embeddings answer costs a byte search, not a full parse.
+    """
+    usage = Usage()
+    for marker in _MARKERS:
+        at = body.rfind(marker)
+        while at >= 0:
+            value = _value_after(body, at + len(marker))
+            if isinstance(value, dict):
+                usage.merge(from_object({marker.strip(b'"').decode(): value}))
+                break
+            at = body.rfind(marker, 0, at)
+    if usage.empty and body.lstrip()[:1] == b"{":
+        # Nested shapes (Anthropic message, Responses) are rare when not streamed; parse.
+        with contextlib.suppress(ValueError):
+            usage = from_object(json.loads(body))
+    return usage
+
+
+def _value_after(body: bytes, pos: int) -> Any:
+    """Decode the JSON value after ``"key"`` at ``pos`` (skipping whitespace and ':')."""
+    n = len(body)
+    while pos < n and body[pos] in b" \t\r\n":
+        pos += 1
+    if pos >= n or body[pos] != ord(":"):
+        return None
+    pos += 1
+    while pos < n and body[pos] in b" \t\r\n":
+        pos += 1
+    if pos >= n or body[pos] != ord("{"):
+        return None
+    try:
+        text = body[pos:].decode("utf-8", errors="replace")
+        value, _ = _DECODER.raw_decode(text)
+    except ValueError:
+        return None
+    return value
+
+
+class SSEUsageScanner:
+    """Feeds on the relayed bytes of an event stream, chunk by chunk, split anywhere.
+
+    Only ``data:`` lines that mention ``usage`` or ``timings`` are decoded. Never raises.
+    """
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self._partial = bytearray()
+        self._skipping = False  # inside an over-long line
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                rest = chunk[start:]
+                if self._skipping:
+                    return
+                if len(self._partial) + len(rest) > MAX_SSE_LINE:
+                    self._partial.clear()
+                    self._skipping = True
+                else:
+                    self._partial += rest
+                return
+            piece = chunk[start:end]
+            start = end + 1
+            if self._skipping:
+                self._skipping = False
+                continue
+            if self._partial:
+                self._partial += piece
+                line = bytes(self._partial)
+                self._partial.clear()
+            else:
+                line = piece
+            self._line(line)
+
+    def finish(self) -> Usage:
+        if self._partial and not self._skipping:
+            self._line(bytes(self._partial))
+        self._partial.clear()
+        return self.usage
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return
+        if b'"usage"' not in line and b'"timings"' not in line:
+            return
+        try:
+            obj = json.loads(line[5:])
+        except ValueError:
+            return
+        self.usage.merge(from_object(obj))

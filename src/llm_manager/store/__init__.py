@@ -1,0 +1,1 @@
+"""SQLite persistence: one writer thread, WAL, batched commits, numbered migrations."""

@@ -1,0 +1,172 @@
+"""The database file: one writer thread with a queue, readers on their own connections.
+
+Writes never block the event loop: callers enqueue rows; the writer commits whatever has
+queued up as one transaction (batching grows with load). A failing write (read-only file,
+full disk) is logged and kept for retry, bounded, so that serving goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llm_manager.store.migrations import MIGRATIONS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Write = tuple[str, Sequence[Any]]
+MAX_RETAINED = 100_000  # rows kept in memory while the file cannot be written
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    for version, sql in MIGRATIONS:
+        if version in done:
+            continue
+        conn.execute("BEGIN")
+        try:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return max((v for v, _ in MIGRATIONS), default=0)
+
+
+class Database:
+    """Owns the SQLite file. ``submit`` from any thread; ``read`` runs in the caller's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last_error: str | None = None
+        self.written = 0
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[Write | threading.Event | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def open(self) -> bool:
+        """Open and migrate; False (logged, in ``last_error``) when the file is unusable:
+        the manager keeps serving without records rather than not at all."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn)
+        except (OSError, sqlite3.Error) as exc:
+            self.last_error = f"cannot open {self.path}: {exc}"
+            log.error("%s; request records will not be kept", self.last_error)
+            return False
+        self._thread = threading.Thread(
+            target=self._writer, args=(conn,), name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def submit(self, sql: str, params: Sequence[Any]) -> None:
+        if self._thread is None:
+            self.dropped += 1
+            return
+        self._queue.put((sql, params))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far is committed (or has failed)."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(30)
+        self._thread = None
+
+    def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on this thread's own connection (WAL: readers never wait for the writer)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+        return query(conn)
+
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        pending: list[Write] = []
+        while True:
+            items: list[Write | threading.Event | None] = []
+            with contextlib.suppress(queue.Empty):
+                # With writes waiting for a retry, wake up every second to try again.
+                items.append(self._queue.get(timeout=1.0 if pending else None))
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            markers: list[threading.Event] = []
+            stop = False
+            for item in items:
+                if item is None:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    markers.append(item)
+                else:
+                    pending.append(item)
+            if pending:
+                self._commit(conn, pending)
+            for marker in markers:
+                marker.set()
+            if stop:
+                break
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, pending: list[Write]) -> None:
+        try:
+            conn.execute("BEGIN")
+            for sql, params in pending:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if self.last_error != str(exc):
+                log.error("cannot write to %s: %s (will retry)", self.path, exc)
+            self.last_error = str(exc)
+            if len(pending) > MAX_RETAINED:
+                dropped = len(pending) - MAX_RETAINED
+                log.error("dropping %d unwritten record(s): database unwritable", dropped)
+                del pending[:dropped]
+            return
+        self.written += len(pending)
+        self.last_error = None
+        pending.clear()

@@ -1,0 +1,31 @@
+"""Ordered, numbered schema migrations. Append only: never edit a released step."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            method TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            stream INTEGER NOT NULL DEFAULT 0,
+            started_at REAL NOT NULL,
+            ended_at REAL NOT NULL,
+            duration_ms REAL NOT NULL,
+            ttfb_ms REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            cache_n INTEGER,
+            prompt_n INTEGER,
+            predicted_n INTEGER,
+            error TEXT
+        );
+        CREATE INDEX requests_started ON requests (started_at);
+        CREATE INDEX requests_model_started ON requests (model, started_at);
+        """,
+    ),
+]
