@@ -220,7 +220,8 @@ async def serve(args: argparse.Namespace) -> None:
     app = web.Application()
     app.router.add_route("*", "/v1/echo", echo)
     app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/rerank", rerank)
+    for path in ("/v1/rerank", "/rerank", "/v1/reranking"):
+        app.router.add_post(path, rerank)
     app.router.add_post("/v1/messages", messages)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

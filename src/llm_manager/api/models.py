@@ -40,7 +40,9 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         key = "already_running" if was_routing else "started"
         return {"success": True, "message": say(key, name=runtime.name)}
 
-    @api.post("/{alias:path}/stop", summary="Stop a model (SIGTERM, then SIGKILL after stop_timeout)")
+    @api.post(
+        "/{alias:path}/stop", summary="Stop a model (SIGTERM, then SIGKILL after stop_timeout)"
+    )
     async def stop(alias: str) -> dict[str, Any]:
         runtime = supervisor.resolve(alias)
         stopped = await runtime.stop("stop requested")

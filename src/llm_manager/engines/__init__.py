@@ -1,0 +1,1 @@
+"""Model server engines bundled with LLM-Manager."""
