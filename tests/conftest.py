@@ -110,6 +110,15 @@ async def running_manager(loaded: LoadedConfig) -> AsyncIterator[RunningManager]
         await asyncio.wait_for(task, 30)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Tiny random-weight GGUF models (chat, embedding, reranker), written once per run."""
+    pytest.importorskip("gguf", reason="needs the gguf package to write test models")
+    from tests.models.gguf_factory import write_all
+
+    return write_all(tmp_path_factory.mktemp("gguf"))
+
+
 @pytest.fixture
 def spawn_log(tmp_path: Path) -> Iterator[Path]:
     """A file the fake servers record their PIDs in; at the end none may be alive."""

@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("xllamacpp", reason="needs the llama extra (xllamacpp)")
 pytest.importorskip("gguf", reason="needs the gguf package to write test models")
 
-from tests.models.gguf_factory import EMBEDDING_DIM, TinyModels, write_all  # noqa: E402
+from tests.models.gguf_factory import EMBEDDING_DIM, TinyModels  # noqa: E402
 
 START_TIMEOUT = 30.0
 
@@ -92,11 +92,6 @@ def start_engine(model: Path, log: Path, *flags: str) -> Engine:
         time.sleep(0.05)
     engine.stop()
     raise AssertionError(f"engine did not become healthy:\n{engine.log_text()[-3000:]}")
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return write_all(tmp_path_factory.mktemp("gguf"))
 
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,25 @@ def test_client_commands(tmp_path: Path, spawn_log: Path, manager_procs: list[Ma
     assert result.returncode == 0 and "config_source" in result.stdout and "CPU" in result.stdout
     result = m.cli("info", "tiny", "--json")
     assert json.loads(result.stdout)["model"]["pid"] == read_pids(spawn_log)[0]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    req = urllib.request.Request(
+        m.url + "/v1/chat/completions",
+        data=json.dumps(chat).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert json.loads(resp.read())["usage"]["prompt_tokens"] == 7
+    deadline = time.monotonic() + 10
+    while True:  # the record is committed by the writer thread within a moment
+        result = m.cli("usage", "--json", "--requests", "5")
+        data = json.loads(result.stdout)
+        if data["total"]["requests"] == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert data["totals"]["tiny-chat"]["prompt_tokens"] == 7
+    assert data["requests"][0]["endpoint"] == "/v1/chat/completions"
+    result = m.cli("usage", "--requests", "5")
+    assert result.returncode == 0 and "tiny-chat" in result.stdout and "recent" in result.stdout
     result = m.cli("stop", "tiny", "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["success"] is True
     result = m.cli("info", "nope")

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ from rich.table import Table
 
 from llm_manager import __version__, settings
 from llm_manager.cli.client import ClientError, base_url, call
+from llm_manager.cli.llama import llama_server
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
 
 if TYPE_CHECKING:
@@ -224,6 +227,84 @@ def start(name: str, url: str | None, as_json: bool) -> None:
 def stop(name: str, url: str | None, as_json: bool) -> None:
     """Stop a model."""
     _finish(_request(url, "POST", f"/api/models/{name}/stop"), as_json)
+
+
+@cli.command()
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--since", default="24h", show_default=True, help="24h, 7d, ISO time or unix.")
+@click.option("--until", default=None, help="End of the range (same forms as --since).")
+@click.option("--bucket", type=click.Choice(["hour", "day"]), default="hour", show_default=True)
+@click.option("--requests", "recent", type=int, default=0, help="Also list N recent requests.")
+@url_option
+@json_option
+def usage(
+    model: str | None,
+    since: str,
+    until: str | None,
+    bucket: str,
+    recent: int,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Token usage per model, and recent requests."""
+    params = {"since": since, "until": until, "bucket": bucket, "model": model}
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
+    data = _request(url, "GET", f"/api/usage?{query}")
+    rows: dict[str, Any] = {}
+    if recent and data.get("success"):
+        rq = urllib.parse.urlencode(
+            {k: v for k, v in {"model": model, "limit": recent}.items() if v}
+        )
+        rows = _request(url, "GET", f"/api/requests?{rq}")
+    if as_json or not data.get("success"):
+        if rows:
+            data["requests"] = rows.get("requests", [])
+        _finish(data, as_json)
+        return
+    console = Console()
+    table = Table(title=f"usage since {since}")
+    for column in ("model", "requests", "prompt tokens", "completion tokens", "errors", "avg ms"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, t in data["totals"].items():
+        avg = t["avg_duration_ms"]
+        table.add_row(
+            name,
+            str(t["requests"]),
+            str(t["prompt_tokens"]),
+            str(t["completion_tokens"]),
+            str(t["errors"]),
+            f"{avg:.0f}" if avg is not None else "-",
+        )
+    total = data["total"]
+    table.add_row(
+        "total",
+        str(total["requests"]),
+        str(total["prompt_tokens"]),
+        str(total["completion_tokens"]),
+        str(total["errors"]),
+        "",
+        style="bold",
+    )
+    console.print(table)
+    if rows.get("requests"):
+        recent_table = Table(title="recent requests")
+        for column in ("time", "model", "endpoint", "status", "ms", "ttfb", "in", "out"):
+            recent_table.add_column(column)
+        for r in rows["requests"]:
+            recent_table.add_row(
+                time.strftime("%H:%M:%S", time.localtime(r["started_at"])),
+                r["model"],
+                r["endpoint"],
+                str(r["status"]),
+                f"{r['duration_ms']:.0f}",
+                "-" if r["ttfb_ms"] is None else f"{r['ttfb_ms']:.0f}",
+                str(r["prompt_tokens"] if r["prompt_tokens"] is not None else "-"),
+                str(r["completion_tokens"] if r["completion_tokens"] is not None else "-"),
+            )
+        console.print(recent_table)
+
+
+cli.add_command(llama_server)
 
 
 def main() -> None:

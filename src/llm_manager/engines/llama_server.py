@@ -2,8 +2,9 @@
 
 The ``xllamacpp`` package bundles a prebuilt llama.cpp (CPU wheels on PyPI, CUDA/ROCm/Vulkan
 wheels from its own index) with llama.cpp's native C++ HTTP server inside the extension. Its
-``xllamacpp.Server(CommonParams)`` loads the model and starts that server on background C++
-threads; the calling thread gets control back once the model is loaded and the port listens.
+``xllamacpp.Server(CommonParams)`` starts that server on background C++ threads, then loads the
+model (meanwhile ``/health`` answers 503 "Loading model", as with ``llama-server``); the calling
+thread gets control back once the model is loaded (``/health`` then answers 200).
 There is no separate ``llama-server`` executable in the wheel, so this module drives the server
 in-process:
 

@@ -341,6 +341,7 @@ class Gateway:
 
 
 def _apply(record: RequestRecord, usage: Usage) -> None:
+    usage = usage.completed()
     record.prompt_tokens = usage.prompt_tokens
     record.completion_tokens = usage.completion_tokens
     record.cache_n = usage.cache_n

@@ -33,6 +33,16 @@ class Usage:
             if value is not None:
                 setattr(self, f.name, value)
 
+    def completed(self) -> Usage:
+        """Fill token counts from llama.cpp's timings when no ``usage`` came (its streams
+        carry ``timings`` only, unless the client asked for ``include_usage``)."""
+        out = Usage(**{f.name: getattr(self, f.name) for f in fields(self)})
+        if out.prompt_tokens is None and out.prompt_n is not None:
+            out.prompt_tokens = out.prompt_n + (out.cache_n or 0)
+        if out.completion_tokens is None and out.predicted_n is not None:
+            out.completion_tokens = out.predicted_n
+        return out
+
     @property
     def empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))

@@ -1,0 +1,94 @@
+"""The SQLite store: migrations, WAL, batched writer, queries, unwritable files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from llm_manager.store.db import Database
+from llm_manager.store.usage import RequestRecord, UsageStore
+
+
+def record(
+    model: str, started: float, prompt: int, completion: int, status: int = 200
+) -> RequestRecord:
+    return RequestRecord(
+        model=model,
+        endpoint="/v1/chat/completions",
+        method="POST",
+        started_at=started,
+        ended_at=started + 1,
+        status=status,
+        duration_ms=1000,
+        ttfb_ms=10,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+    )
+
+
+def test_migrations_wal_and_records(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    assert db.open()
+    store = UsageStore(db)
+    base = 1_699_999_200.0  # on an hour boundary (UTC)
+    store.add(record("a", base + 10, 5, 7))
+    store.add(record("a", base + 3600 + 5, 1, 1, status=500))
+    store.add(record("b", base + 20, 2, 3))
+    assert db.flush()
+    with sqlite3.connect(tmp_path / "x.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+    recent = store.recent(limit=2)
+    assert [r["model"] for r in recent] == ["b", "a"]  # newest id first
+    assert store.recent(model="b")[0]["prompt_tokens"] == 2
+    assert len(store.recent(since=base + 3000)) == 1
+    summary = store.summary(since=None, until=None, bucket="hour")
+    assert summary["totals"]["a"] == {
+        "requests": 2,
+        "prompt_tokens": 6,
+        "completion_tokens": 8,
+        "errors": 1,
+        "avg_duration_ms": 1000.0,
+        "avg_ttfb_ms": 10.0,
+    }
+    assert [p["start"] for p in summary["series"]["a"]] == [base, base + 3600]
+    day = store.summary(since=None, until=None, bucket="day", model="a")
+    assert set(day["totals"]) == {"a"} and len(day["series"]["a"]) == 1
+    db.close()
+    # Reopening keeps the rows and does not re-run migrations.
+    again = Database(tmp_path / "x.db")
+    assert again.open()
+    assert len(UsageStore(again).recent()) == 3
+    again.close()
+
+
+def test_unopenable_path_keeps_serving(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the data directory should be")
+    db = Database(blocker / "x.db")
+    assert db.open() is False
+    assert db.last_error is not None and "cannot open" in db.last_error
+    UsageStore(db).add(record("a", time.time(), 1, 1))  # dropped, counted, no exception
+    assert db.dropped == 1
+    assert db.flush()
+
+
+def test_failed_writes_are_retried_when_the_file_recovers(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    assert db.open()
+    store = UsageStore(db)
+    # Break the table under the writer, as a corrupt or foreign schema change would.
+    with sqlite3.connect(tmp_path / "x.db") as conn:
+        conn.execute("ALTER TABLE requests RENAME TO requests_moved")
+    store.add(record("a", time.time(), 1, 1))
+    db.flush()
+    assert db.last_error is not None and "requests" in db.last_error
+    with sqlite3.connect(tmp_path / "x.db") as conn:
+        conn.execute("ALTER TABLE requests_moved RENAME TO requests")
+    deadline = time.monotonic() + 5
+    while db.written == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert db.written == 1 and db.last_error is None
+    assert store.recent()[0]["model"] == "a"
+    db.close()
