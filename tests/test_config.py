@@ -743,3 +743,22 @@ def test_json_schema_is_valid_json_describing_the_config() -> None:
         "embedding",
         "reranker",
     ]
+
+
+def test_cross_entry_problems_model_port_on_server_port_devices_and_reserved_name() -> None:
+    text = (
+        "server: {port: 9000}\n"
+        "devices:\n"
+        "  - {name: GPU A, memory_total_mib: 10}\n"
+        "  - {name: gpu a, memory_total_mib: 10}\n"
+        "models:\n"
+        "  m: {port: 9000, aliases: [All-Models], schemes: {s: {command: x}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "t")
+    found = {(p.path, p.line, p.message) for p in info.value.problems}
+    assert found == {
+        ("devices.1.name", 4, "device 'gpu a' is declared twice"),
+        ("models.m.port", 6, "port 9000 is already used by the server itself (server.port)"),
+        ("models.m.aliases.0", 6, "'all-models' is reserved by the API"),
+    }

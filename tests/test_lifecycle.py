@@ -288,3 +288,83 @@ async def test_stop_all_and_restart_autostart(tmp_path: Path, spawn_log: Path) -
             for p in psutil.Process().children(recursive=True)
             if "fake_model" in " ".join(p.cmdline())
         ]
+
+
+async def test_gpu_indices_of_the_chosen_devices_reach_the_model(
+    tmp_path: Path, spawn_log: Path
+) -> None:
+    def on(devices: dict[str, int], **env: str) -> dict[str, object]:
+        scheme: dict[str, object] = {
+            "devices": devices,
+            "command": fake_command("--spawn-log", str(spawn_log)),
+        }
+        if env:
+            scheme["env"] = env
+        return {"schemes": {"GPU": scheme}}
+
+    loaded = make_config(
+        tmp_path,
+        {
+            "two": on({"cuda:1": 1000, "rtx": 1000}),
+            "own": on({"cuda:1": 10}, CUDA_VISIBLE_DEVICES="7"),
+        },
+        devices=[
+            {"name": "RTX 3090", "kind": "cuda", "memory_total_mib": 24000, "index": 0},
+            {"name": "Tesla V100", "kind": "cuda", "memory_total_mib": 16000, "index": 1},
+        ],
+    )
+    async with running_manager(loaded) as mgr:
+        for name, expected in (
+            ("two", "CUDA_VISIBLE_DEVICES=1,0"),
+            ("own", "CUDA_VISIBLE_DEVICES=7"),
+        ):
+            assert (await mgr.post(f"/api/models/{name}/start"))[0] == 200
+            runtime = mgr.supervisor.resolve(name)
+            await wait_until(lambda r=runtime: any("CUDA" in x.message for x in r.log.lines()))
+            lines = [x.message for x in runtime.log.lines() if x.message.startswith("CUDA")]
+            assert lines == [expected]
+        await mgr.post("/api/models/stop-all")
+
+
+async def test_relative_command_path_resolves_against_config_dir(tmp_path: Path) -> None:
+    script = tmp_path / "bin" / "engine"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\nexit 5\n")
+    script.chmod(0o755)
+    loaded = make_config(tmp_path, {"m": {"schemes": {"CPU": {"command": "./bin/engine"}}}})
+    async with running_manager(loaded) as mgr:
+        status, body = await mgr.post("/api/models/m/start")
+        assert status == 503 and "exited with code 5" in body["message"]
+    loaded = make_config(tmp_path, {"m": {"schemes": {"CPU": {"command": "./bin/missing"}}}})
+    async with running_manager(loaded) as mgr:
+        status, body = await mgr.post("/api/models/m/start")
+        assert status == 503 and "bin/missing' does not exist" in body["message"]
+
+
+async def test_restart_autostart_failure_is_503(tmp_path: Path, spawn_log: Path) -> None:
+    loaded = make_config(
+        tmp_path,
+        {
+            "good": model("--spawn-log", str(spawn_log), auto_start=True),
+            "bad": model("--exit-at-start", "9", auto_start=True),
+        },
+    )
+    async with running_manager(loaded) as mgr:
+        good = mgr.supervisor.resolve("good")
+        await wait_until(lambda: good.state is State.ROUTING)
+        status, body = await mgr.post("/api/models/restart-autostart")
+        assert status == 503 and body["success"] is False
+        assert body["started_models"] == ["good"]
+        assert "exited with code 9" in body["failed_models"]["bad"]
+        await mgr.post("/api/models/stop-all")
+
+
+async def test_model_names_with_slashes(tmp_path: Path, spawn_log: Path) -> None:
+    loaded = make_config(tmp_path, {"Qwen/Qwen3-8B": model("--spawn-log", str(spawn_log))})
+    async with running_manager(loaded) as mgr:
+        status, body = await mgr.get("/api/models/Qwen/Qwen3-8B/info")
+        assert status == 200 and body["model"]["model_name"] == "Qwen/Qwen3-8B"
+        status, body = await mgr.get("/api/models/Qwen%2FQwen3-8B/info")
+        assert status == 200
+        status, body = await mgr.get("/v1/models/Qwen/Qwen3-8B")
+        assert status == 200 and body["id"] == "Qwen/Qwen3-8B"

@@ -309,3 +309,35 @@ def test_env_config_lookup_and_builtin_fallback(tmp_path: Path) -> None:
         assert proc.stdout is not None
         proc.stdout.close()
     assert code == 0
+
+
+def test_group_whose_leader_died_is_killed_and_unverifiable_records_are_spared(
+    tmp_path: Path, manager_procs: list[Manager]
+) -> None:
+    # A leader that forked a worker and exited: the worker keeps the group alive.
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 300 & echo $!"], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert leader.stdout is not None
+    worker = int(leader.stdout.readline())
+    leader.stdout.close()
+    leader.wait()
+    created = psutil.Process(worker).create_time()
+    unverifiable = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        run_dir = tmp_path / "data" / "run"
+        run_dir.mkdir(parents=True)
+        record = {
+            "forked": {"pid": leader.pid, "pgid": leader.pid, "create_time": created},
+            "unknown": {"pid": unverifiable.pid, "pgid": unverifiable.pid, "create_time": None},
+        }
+        (run_dir / "processes.json").write_text(json.dumps(record))
+        m = launch(write_config(tmp_path, {}), tmp_path)
+        manager_procs.append(m)
+        wait_for(lambda: not alive(worker))
+        assert unverifiable.poll() is None
+    finally:
+        unverifiable.kill()
+        unverifiable.wait()
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -112,6 +112,11 @@ class DeviceConfig(_Strict):
         "cuda", description="Device family, used to group it in /api/devices/info."
     )
     memory_total_mib: int = Field(ge=0, description="Memory of the device in MiB.")
+    index: int | None = Field(
+        None,
+        ge=0,
+        description="GPU index: makes `cuda:N` match it and sets CUDA_VISIBLE_DEVICES.",
+    )
     online: bool = Field(True, description="Whether the device is present.")
 
 
@@ -318,12 +323,25 @@ def _normalise(name: str) -> str:
 
 
 def _cross_checks(raw: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
-    """Checks across models (unique names/aliases and ports), and launchers on raw data."""
+    """Checks across entries: unique names/aliases, ports and device names; launchers."""
+    devices = raw.get("devices")
+    if isinstance(devices, list):
+        seen_devices: set[str] = set()
+        for i, device in enumerate(devices):
+            dname = device.get("name") if isinstance(device, dict) else None
+            if isinstance(dname, str):
+                if dname.casefold() in seen_devices:
+                    yield (("devices", str(i), "name"), f"device {dname!r} is declared twice")
+                seen_devices.add(dname.casefold())
     models = raw.get("models")
     if not isinstance(models, dict):
         return
     owners: dict[str, str] = {}
     ports: dict[int, str] = {}
+    server = raw.get("server")
+    server_port = server.get("port", 8080) if isinstance(server, dict) else 8080
+    if isinstance(server_port, int) and server_port:
+        ports[server_port] = "the server itself (server.port)"
     for name, model in models.items():
         name = str(name)
         names: list[tuple[tuple[str, ...], str]] = [(("models", name), name)]
@@ -348,15 +366,15 @@ def _cross_checks(raw: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                 if port in ports:
                     yield (
                         ("models", name, "port"),
-                        f"port {port} is already used by {ports[port]!r}",
+                        f"port {port} is already used by {ports[port]}",
                     )
                 else:
-                    ports[port] = name
+                    ports[port] = repr(name)
         for loc, alias in names:
             key = _normalise(alias)
             if not alias.strip():
                 yield (loc, "a model name or alias cannot be empty")
-            elif alias == "all-models":
+            elif key == "all-models":
                 yield (loc, "'all-models' is reserved by the API")
             elif key in owners:
                 yield (loc, f"name {alias!r} is already used by model {owners[key]!r}")

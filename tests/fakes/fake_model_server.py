@@ -44,6 +44,7 @@ def main() -> None:
         with open(args.spawn_log, "a") as f:
             f.write(f"{os.getpid()}\n")
     print(f"fake model server {args.name} starting on port {args.port}", flush=True)
+    print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", flush=True)
     for i in range(args.print_lines):
         print(f"log line {i}", flush=True)
     if args.exit_at_start is not None:

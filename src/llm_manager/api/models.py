@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from llm_manager.api.views import model_info, running_count
 from llm_manager.messages import Messages
@@ -49,8 +50,8 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         key = "stopped" if stopped else "not_running"
         return {"success": True, "message": say(key, name=runtime.name)}
 
-    @api.post("/restart-autostart", summary="Restart every auto_start model")
-    async def restart_autostart() -> dict[str, Any]:
+    @api.post("/restart-autostart", summary="Restart every auto_start model", response_model=None)
+    async def restart_autostart() -> dict[str, Any] | JSONResponse:
         started, failed = await supervisor.restart_autostart()
         body: dict[str, Any] = {
             "success": not failed,
@@ -59,6 +60,8 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         }
         if failed:
             body["failed_models"] = failed
+            body["error"] = "; ".join(f"{name}: {why}" for name, why in failed.items())
+            return JSONResponse(body, status_code=503)
         return body
 
     @api.post("/stop-all", summary="Stop every model")

@@ -131,6 +131,10 @@ def config_schema() -> None:
     click.echo(json_schema())
 
 
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
 def _request(url: str | None, method: str, path: str) -> dict[str, Any]:
     try:
         return call(base_url(url), method, path)
@@ -198,7 +202,7 @@ def models(url: str | None, as_json: bool) -> None:
 @json_option
 def info(name: str, url: str | None, as_json: bool) -> None:
     """Show one model's details."""
-    data = _request(url, "GET", f"/api/models/{name}/info")
+    data = _request(url, "GET", f"/api/models/{_quote(name)}/info")
     if as_json or not data.get("success"):
         _finish(data, as_json)
         return
@@ -217,7 +221,7 @@ def info(name: str, url: str | None, as_json: bool) -> None:
 @json_option
 def start(name: str, url: str | None, as_json: bool) -> None:
     """Start a model and wait until it is ready."""
-    _finish(_request(url, "POST", f"/api/models/{name}/start"), as_json)
+    _finish(_request(url, "POST", f"/api/models/{_quote(name)}/start"), as_json)
 
 
 @cli.command()
@@ -226,7 +230,7 @@ def start(name: str, url: str | None, as_json: bool) -> None:
 @json_option
 def stop(name: str, url: str | None, as_json: bool) -> None:
     """Stop a model."""
-    _finish(_request(url, "POST", f"/api/models/{name}/stop"), as_json)
+    _finish(_request(url, "POST", f"/api/models/{_quote(name)}/stop"), as_json)
 
 
 @cli.command()

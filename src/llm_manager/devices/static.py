@@ -23,6 +23,7 @@ class StaticProvider:
                 memory_total=d.memory_total_mib,
                 memory_used=0,
                 memory_free=d.memory_total_mib,
+                index=d.index,
                 online=d.online,
                 measured=False,
             )

@@ -155,31 +155,34 @@ class SSEUsageScanner:
         self._skipping = False  # inside an over-long line
 
     def feed(self, chunk: bytes) -> None:
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            if end < 0:
-                rest = chunk[start:]
-                if self._skipping:
-                    return
-                if len(self._partial) + len(rest) > MAX_SSE_LINE:
+        # Per chunk, not per line: the complete lines of a chunk are searched for the two
+        # markers at C speed, and split into lines only when one is there.
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            if not self._skipping:
+                if len(self._partial) + len(chunk) > MAX_SSE_LINE:
                     self._partial.clear()
                     self._skipping = True
                 else:
-                    self._partial += rest
-                return
-            piece = chunk[start:end]
-            start = end + 1
-            if self._skipping:
-                self._skipping = False
-                continue
-            if self._partial:
-                self._partial += piece
-                line = bytes(self._partial)
-                self._partial.clear()
-            else:
-                line = piece
-            self._line(line)
+                    self._partial += chunk
+            return
+        if self._skipping:  # the rest of an over-long line ends at the first newline
+            complete = chunk[chunk.find(b"\n") + 1 : last]
+            self._skipping = False
+        elif self._partial:
+            self._partial += chunk[:last]
+            complete = bytes(self._partial)
+            self._partial.clear()
+        else:
+            complete = chunk[:last]
+        tail = chunk[last + 1 :]
+        if len(tail) > MAX_SSE_LINE:
+            self._skipping = True
+        else:
+            self._partial += tail
+        if b'"usage"' in complete or b'"timings"' in complete:
+            for line in complete.split(b"\n"):
+                self._line(line)
 
     def finish(self) -> Usage:
         if self._partial and not self._skipping:

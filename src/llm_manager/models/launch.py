@@ -82,7 +82,14 @@ def build(
         parts = shlex.split(raw) if isinstance(raw, str) else list(raw or [])
         argv = [substitute(p, values) for p in parts]
         exe = argv[0]
-        if os.sep not in exe and shutil.which(exe, path=env.get("PATH")) is None:
+        if os.sep in exe:
+            # A relative program path is relative to the scheme's cwd, else the config's
+            # directory, like a script's (not to wherever the manager was started).
+            program = _resolve(exe, Path(cwd) if cwd else base_dir)
+            if not program.is_file():
+                raise StartFailed(f"command {str(program)!r} does not exist")
+            argv[0] = str(program)
+        elif shutil.which(exe, path=env.get("PATH")) is None:
             raise StartFailed(f"command {exe!r} not found on PATH")
     return Launch(argv=argv, env=env, cwd=cwd)
 

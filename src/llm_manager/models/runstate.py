@@ -42,7 +42,7 @@ class RunState:
             pid, pgid, created = rec.get("pid"), rec.get("pgid"), rec.get("create_time")
             if not isinstance(pid, int) or not isinstance(pgid, int):
                 continue
-            if not _same_process(pid, created):
+            if not _ours(pid, pgid, created):
                 continue
             log.warning("killing model %s (pid %s) left by an earlier run", model, pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -80,11 +80,23 @@ class RunState:
             log.error("cannot record model processes in %s: %s", self._path, exc)
 
 
-def _same_process(pid: int, create_time: object) -> bool:
+def _ours(pid: int, pgid: int, create_time: object) -> bool:
+    """Whether the recorded group is still the one an earlier run started.
+
+    The leader alive with the recorded start time is ours. A leader gone while its group
+    lives on (workers it forked) is ours too: Linux does not hand out a PID that is still
+    in use as a process group ID, so the group cannot belong to anyone else.
+    """
+    if not isinstance(create_time, int | float):
+        return False  # no identity to check: never kill on a guess
     try:
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return not isinstance(create_time, int | float) or abs(proc.create_time() - create_time) < 1
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return abs(proc.create_time() - create_time) < 1
     except psutil.Error:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
         return False
+    return True

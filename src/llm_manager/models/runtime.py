@@ -110,7 +110,7 @@ class ModelRuntime:
         return self.settings.idle_timeout if own is None else own
 
     def idle_seconds(self, now: float | None = None) -> float:
-        if self.pending:
+        if self.pending or self._state in (State.STARTING, State.HEALTH_CHECK):
             return 0.0
         return max(0.0, (time.monotonic() if now is None else now) - self.last_used)
 
@@ -275,6 +275,8 @@ class ModelRuntime:
     def _forget(self, proc: ModelProcess) -> None:
         if self._proc is proc:
             self._proc = None
+            if self.spec.port is None:
+                self.port = None  # a new free port is chosen at the next start
         self._reaper.forget(proc.pgid)
         self._runstate.remove(self.name)
         self._placer.release(self.name)

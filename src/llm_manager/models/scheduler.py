@@ -77,7 +77,7 @@ def matches(key: str, device: Device) -> bool:
     """Contract §2: ``cpu``, ``cuda:N``, or a name substring ignoring case, spaces, dashes."""
     lowered = key.strip().casefold()
     if lowered == "cpu":
-        return device.kind == "cpu"
+        return device.key == "cpu"  # system memory, as probed; not a declared device
     if lowered.startswith("cuda:") and lowered[5:].isdigit():
         return device.kind == "cuda" and device.index == int(lowered[5:])
     if device.kind == "cpu":

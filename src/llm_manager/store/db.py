@@ -64,11 +64,13 @@ def migrate(conn: sqlite3.Connection) -> int:
 class Database:
     """Owns the SQLite file. ``submit`` from any thread; ``read`` runs in the caller's thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, batch_interval: float = 0.2) -> None:
         self.path = path
         self.last_error: str | None = None
         self.written = 0
         self.dropped = 0
+        self.batch_interval = batch_interval
+        self._wake = threading.Event()  # cuts a batch's wait short: flush and close
         self._queue: queue.SimpleQueue[Write | threading.Event | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
@@ -104,12 +106,14 @@ class Database:
             return True
         done = threading.Event()
         self._queue.put(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self) -> None:
         if self._thread is None:
             return
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(30)
         self._thread = None
 
@@ -128,6 +132,11 @@ class Database:
             with contextlib.suppress(queue.Empty):
                 # With writes waiting for a retry, wake up every second to try again.
                 items.append(self._queue.get(timeout=1.0 if pending else None))
+            if items and isinstance(items[0], tuple):
+                # Let a batch gather: one commit (and one wake-up of this thread) per
+                # interval under load, instead of one per request on the serving path.
+                self._wake.wait(self.batch_interval)
+                self._wake.clear()
             while True:
                 try:
                     items.append(self._queue.get_nowait())
