@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -361,3 +363,31 @@ async def test_start_failure_through_gateway_is_503(tmp_path: Path, spawn_log: P
         rows = await records(mgr)
         assert rows[0]["status"] == 503
         assert mgr.supervisor.resolve("m").pending == 0
+
+
+async def test_model_dying_or_stopped_mid_request_gives_502(
+    tmp_path: Path, spawn_log: Path
+) -> None:
+    models = {"m": fake_model(spawn_log, "--chunk-delay", "3")}
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        await mgr.post("/api/models/m/start")
+        runtime = mgr.supervisor.resolve("m")
+        # A stop while a non-streamed request is in flight ends it with an error, not a hang.
+        request = asyncio.create_task(mgr.post("/v1/echo", json={"model": "m"}))
+        await wait_until(lambda: runtime.pending == 1)
+        await asyncio.sleep(0.1)
+        assert (await mgr.post("/api/models/m/stop"))[0] == 200
+        status, body = await asyncio.wait_for(request, 10)
+        assert status == 502 and body["error"]["type"] == "upstream_error"
+        # The process dying by itself mid-request: 502 too, and the model is failed.
+        await mgr.post("/api/models/m/start")
+        request = asyncio.create_task(mgr.post("/v1/echo", json={"model": "m"}))
+        await wait_until(lambda: runtime.pending == 1)
+        await asyncio.sleep(0.1)
+        assert runtime.pid is not None
+        os.kill(runtime.pid, signal.SIGKILL)
+        status, body = await asyncio.wait_for(request, 10)
+        assert status == 502
+        await wait_until(lambda: runtime.state is State.FAILED)
+        assert runtime.failure_reason == "process exited with code -9"
+        assert runtime.pending == 0
