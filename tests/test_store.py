@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from llm_manager.store.db import Database
+from llm_manager.store.migrations import MIGRATIONS
 from llm_manager.store.usage import RequestRecord, UsageStore
 
 
@@ -38,7 +39,8 @@ def test_migrations_wal_and_records(tmp_path: Path) -> None:
     assert db.flush()
     with sqlite3.connect(tmp_path / "x.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM schema_migrations ORDER BY version")
+        assert versions.fetchall() == [(v,) for v, _ in MIGRATIONS]
     recent = store.recent(limit=2)
     assert [r["model"] for r in recent] == ["b", "a"]  # newest id first
     assert store.recent(model="b")[0]["prompt_tokens"] == 2

@@ -11,7 +11,7 @@ import aiohttp
 from fastapi import FastAPI
 
 from llm_manager import __version__
-from llm_manager.api import errors, models, system, usage
+from llm_manager.api import errors, logs, models, system, usage
 from llm_manager.asgi import Dispatcher
 from llm_manager.config import LoadedConfig
 from llm_manager.devices.cpu import CpuProvider
@@ -19,9 +19,11 @@ from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.devices.static import StaticProvider
 from llm_manager.errors import ManagerError
 from llm_manager.gateway.forward import Gateway, GatewaySettings, Receive, Scope, Send
+from llm_manager.logs import LogBook, LogSettings
 from llm_manager.messages import Messages
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.db import Database
+from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import UsageStore
 
 
@@ -37,9 +39,18 @@ class Application:
         self.http = http
         self.fresh = fresh
         self.monitor = DeviceMonitor([CpuProvider(), StaticProvider(config.devices)])
-        self.supervisor = Supervisor(loaded, self.monitor, http)
         self.db = Database(server.data_dir / "llm-manager.db")
         self.usage = UsageStore(self.db)
+        self.logbook = LogBook(
+            LogStore(self.db),
+            LogSettings(
+                buffer_lines=server.log_buffer_lines,
+                retention=server.log_retention,
+                max_lines=server.log_max_lines,
+            ),
+        )
+        self.supervisor = Supervisor(loaded, self.monitor, http, self.logbook)
+        self._tasks: list[asyncio.Task[None]] = []
         self.gateway = Gateway(
             self.supervisor,
             GatewaySettings(
@@ -91,14 +102,25 @@ class Application:
         app.include_router(system.router(self.supervisor, created=int(time.time())))
         app.include_router(models.router(self.supervisor, say))
         app.include_router(usage.router(self.supervisor, self.usage))
+        app.include_router(logs.router(self.supervisor, self.logbook, say))
         return app
 
     async def startup(self) -> None:
         self.loaded.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.db.open)
+        await self.logbook.load()
         await self.supervisor.start()
+        self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
+
+    def begin_shutdown(self) -> None:
+        """Called as soon as a stop is asked for: end the streams that would otherwise hold
+        the server's graceful shutdown open (live logs never end by themselves)."""
+        self.logbook.close_subscribers()
 
     async def shutdown(self) -> None:
+        self.begin_shutdown()
+        for task in self._tasks:
+            task.cancel()
         try:
             await self.supervisor.shutdown()
         finally:

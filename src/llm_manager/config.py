@@ -101,6 +101,15 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."
     )
+    log_buffer_lines: int = Field(
+        5000, ge=10, description="Lines of each model's log kept in memory (history)."
+    )
+    log_retention: Duration = Field(
+        7 * 86400.0, description="Delete stored log lines older than this; 0 = keep forever."
+    )
+    log_max_lines: int = Field(
+        100_000, ge=0, description="Stored log lines per model, newest kept; 0 = no limit."
+    )
     language: Literal["en", "zh"] = Field("en", description="Language of human-readable messages.")
 
 

@@ -15,6 +15,10 @@ _TEXT: dict[str, dict[str, str]] = {
         "en": "restarted {count} autostart model(s)",
         "zh": "已重启 {count} 个autostart模型",
     },
+    "logs_cleared": {
+        "en": "model '{name}': deleted {count} log line(s) older than {minutes} minutes",
+        "zh": "模型 '{name}' 已清理 {minutes} 分钟前的日志，删除 {count} 条",
+    },
     "device_unavailable": {
         "en": "device unavailable or insufficient resources",
         "zh": "设备不可用或资源不足",

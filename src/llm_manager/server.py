@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 
 import uvicorn
@@ -38,9 +38,15 @@ class EarlySignals:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, early: EarlySignals | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        early: EarlySignals | None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._early = early
+        self._on_exit = on_exit
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -52,6 +58,8 @@ class _Server(uvicorn.Server):
             if self.should_exit and sig is signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
+            if self._on_exit is not None:
+                self._on_exit()
 
         sigs = (signal.SIGINT, signal.SIGTERM)
         for sig in sigs:
@@ -95,7 +103,7 @@ async def serve(
         timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
         log_config=None,
     )
-    server = _Server(config, early)
+    server = _Server(config, early, application.begin_shutdown)
     shown = f"[{host}]" if ":" in host else host
     log.info(
         "LLM-Manager listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)",

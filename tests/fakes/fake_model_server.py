@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=5, help="streamed chunks per response")
     p.add_argument("--chunk-delay", type=float, default=0.0)
     p.add_argument("--print-lines", type=int, default=0, help="print N log lines at start")
+    p.add_argument("--tick", type=float, default=0.0, help="print 'tick N TIME' this often")
+    p.add_argument("--print-odd", action="store_true", help="print invalid UTF-8, a long line")
     return p.parse_args()
 
 
@@ -45,8 +47,12 @@ def main() -> None:
             f.write(f"{os.getpid()}\n")
     print(f"fake model server {args.name} starting on port {args.port}", flush=True)
     print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", flush=True)
-    for i in range(args.print_lines):
-        print(f"log line {i}", flush=True)
+    if args.print_lines:
+        sys.stdout.write("".join(f"log line {i}\n" for i in range(args.print_lines)))
+        sys.stdout.flush()
+    if args.print_odd:
+        sys.stdout.buffer.write(b"bad bytes \xff\xfe end\n" + b"L" * 100_000 + b"\nafter long\n")
+        sys.stdout.flush()
     if args.exit_at_start is not None:
         print("fatal: exiting at start as asked", file=sys.stderr, flush=True)
         sys.exit(args.exit_at_start)
@@ -232,6 +238,16 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     print(f"fake model server {args.name} listening", flush=True)
+    if args.tick:
+
+        async def tick() -> None:
+            n = 0
+            while True:
+                n += 1
+                print(f"tick {n} {time.time()}", flush=True)
+                await asyncio.sleep(args.tick)
+
+        ticker = asyncio.create_task(tick())  # noqa: F841 - runs until the process ends
     if args.exit_after is not None:
         await asyncio.sleep(args.exit_after)
         print("crashing as asked", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -39,3 +40,31 @@ def call(url: str, method: str, path: str, timeout: float = 600) -> dict[str, An
     if not isinstance(data, dict):
         raise ClientError(f"{url}{path} answered an unexpected shape")
     return data
+
+
+def stream_events(url: str, path: str) -> Iterator[dict[str, Any]]:
+    """The JSON events of a Server-Sent Events stream, as they arrive."""
+    try:
+        resp = urllib.request.urlopen(url + path, timeout=3600)
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("message", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise ClientError(f"the server answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"cannot reach LLM-Manager at {url}: {reason}") from None
+    with resp:
+        for raw in resp:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not line.startswith("data:"):
+                continue
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                yield event
+                if event.get("type") == "stream_end":
+                    return

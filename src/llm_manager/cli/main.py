@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llm_manager import __version__, settings
-from llm_manager.cli.client import ClientError, base_url, call
+from llm_manager.cli.client import ClientError, base_url, call, stream_events
 from llm_manager.cli.llama import llama_server
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
 
@@ -306,6 +306,41 @@ def usage(
                 str(r["completion_tokens"] if r["completion_tokens"] is not None else "-"),
             )
         console.print(recent_table)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
+@click.option("--since", default=None, help="Only lines from then on: 10m, 2h, ISO time, unix.")
+@click.option("-n", "--lines", type=int, default=None, help="Only the last N lines of history.")
+@url_option
+@json_option
+def logs(
+    name: str, follow: bool, since: str | None, lines: int | None, url: str | None, as_json: bool
+) -> None:
+    """Print a model's log, like tail (-f to follow)."""
+    params: dict[str, str] = {"follow": "true" if follow else "false"}
+    if since:
+        params["since"] = since
+    if lines is not None:
+        params["history"] = str(lines)
+    path = f"/api/models/{_quote(name)}/logs/stream?{urllib.parse.urlencode(params)}"
+    try:
+        for event in stream_events(base_url(url), path):
+            if as_json:
+                click.echo(json.dumps(event, ensure_ascii=False))
+            elif "log" in event:
+                line = event["log"]
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line["timestamp"]))
+                click.echo(f"{stamp} [{line.get('stream', '-')}] {line['message']}")
+            elif event.get("type") == "error":
+                click.echo(f"error: {event.get('message')}", err=True)
+                sys.exit(1)
+    except ClientError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1 if "answered" in str(exc) else 2)
+    except KeyboardInterrupt:
+        pass
 
 
 cli.add_command(llama_server)

@@ -65,6 +65,7 @@ class ModelRuntime:
         settings: RuntimeSettings,
         *,
         placer: Placer,
+        log: ModelLog,
         http: aiohttp.ClientSession,
         reaper: Reaper,
         runstate: RunState,
@@ -72,7 +73,7 @@ class ModelRuntime:
         self.name = name
         self.spec = spec
         self.settings = settings
-        self.log = ModelLog(name)
+        self.log = log
         self._placer = placer
         self._http = http
         self._reaper = reaper

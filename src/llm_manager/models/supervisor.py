@@ -18,6 +18,7 @@ from llm_manager.config import LoadedConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable
+from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.registry import Registry
@@ -39,7 +40,11 @@ class Preview:
 
 class Supervisor:
     def __init__(
-        self, loaded: LoadedConfig, monitor: DeviceMonitor, http: aiohttp.ClientSession
+        self,
+        loaded: LoadedConfig,
+        monitor: DeviceMonitor,
+        http: aiohttp.ClientSession,
+        logbook: LogBook,
     ) -> None:
         server = loaded.config.server
         self.monitor = monitor
@@ -63,6 +68,7 @@ class Supervisor:
                 spec,
                 settings,
                 placer=self,
+                log=logbook.create(name),
                 http=http,
                 reaper=self._reaper,
                 runstate=self._runstate,

@@ -7,6 +7,7 @@ full disk) is logged and kept for retry, bounded, so that serving goes on.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import queue
@@ -61,6 +62,26 @@ def migrate(conn: sqlite3.Connection) -> int:
     return max((v for v, _ in MIGRATIONS), default=0)
 
 
+class _Call:
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: Any) -> None:
+        self.fn = fn
+        self.future = future
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            conn.execute("BEGIN")
+            result = self.fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
 class Database:
     """Owns the SQLite file. ``submit`` from any thread; ``read`` runs in the caller's thread."""
 
@@ -71,7 +92,7 @@ class Database:
         self.dropped = 0
         self.batch_interval = batch_interval
         self._wake = threading.Event()  # cuts a batch's wait short: flush and close
-        self._queue: queue.SimpleQueue[Write | threading.Event | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Write | threading.Event | _Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
 
@@ -117,6 +138,17 @@ class Database:
         self._thread.join(30)
         self._thread = None
 
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` in one transaction on the writer thread, after every write submitted
+        before it (deletes that must see earlier inserts); the future holds its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._thread is None:
+            future.set_exception(sqlite3.OperationalError(self.last_error or "database closed"))
+            return future
+        self._queue.put(_Call(fn, future))
+        self._wake.set()
+        return future
+
     def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on this thread's own connection (WAL: readers never wait for the writer)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -128,7 +160,7 @@ class Database:
     def _writer(self, conn: sqlite3.Connection) -> None:
         pending: list[Write] = []
         while True:
-            items: list[Write | threading.Event | None] = []
+            items: list[Write | threading.Event | _Call | None] = []
             with contextlib.suppress(queue.Empty):
                 # With writes waiting for a retry, wake up every second to try again.
                 items.append(self._queue.get(timeout=1.0 if pending else None))
@@ -142,19 +174,22 @@ class Database:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            markers: list[threading.Event] = []
             stop = False
             for item in items:
+                if isinstance(item, tuple):
+                    pending.append(item)
+                    continue
+                # A marker, a call or the stop: what was submitted before it goes first.
+                if pending:
+                    self._commit(conn, pending)
                 if item is None:
                     stop = True
                 elif isinstance(item, threading.Event):
-                    markers.append(item)
+                    item.set()
                 else:
-                    pending.append(item)
+                    item.run(conn)
             if pending:
                 self._commit(conn, pending)
-            for marker in markers:
-                marker.set()
             if stop:
                 break
         conn.close()

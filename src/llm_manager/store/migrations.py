@@ -28,4 +28,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX requests_model_started ON requests (model, started_at);
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE log_lines (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            ts REAL NOT NULL,
+            stream TEXT NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX log_lines_model_id ON log_lines (model, id);
+        CREATE INDEX log_lines_ts ON log_lines (ts);
+        """,
+    ),
 ]
