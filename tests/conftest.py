@@ -60,7 +60,7 @@ def make_config(tmp_path: Path, models: dict[str, Any], **server: Any) -> Loaded
     if devices is not None:
         data["server"].pop("devices", None)
         data["devices"] = devices
-    text = yaml.safe_dump(data)
+    text = yaml.safe_dump(data, sort_keys=False)  # order matters: schemes, device keys
     return LoadedConfig(parse_text(text, "test"), "test", tmp_path)
 
 

@@ -391,3 +391,36 @@ async def test_model_dying_or_stopped_mid_request_gives_502(
         await wait_until(lambda: runtime.state is State.FAILED)
         assert runtime.failure_reason == "process exited with code -9"
         assert runtime.pending == 0
+
+
+async def test_alias_is_rewritten_to_the_configured_name(tmp_path: Path, spawn_log: Path) -> None:
+    models = {"Qwen3-8B-Instruct": fake_model(spawn_log, aliases=["qwen"])}
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        for called, rewritten in (("qwen", True), ("Qwen3-8B-Instruct", False)):
+            raw = json.dumps({"model": called, "x": "é"}, ensure_ascii=False).encode()
+            async with mgr.http.post(mgr.url + "/v1/echo", data=raw) as resp:
+                sent = json.loads((await resp.json())["body"])
+            assert sent == {"model": "Qwen3-8B-Instruct", "x": "é"}
+            if not rewritten:  # the configured name: the body goes out byte for byte
+                async with mgr.http.post(mgr.url + "/v1/echo", data=raw) as resp:
+                    assert (await resp.json())["body"].encode() == raw
+
+
+async def test_read_timeout_is_504_and_errors_are_openai_shaped_off_v1(
+    tmp_path: Path, spawn_log: Path
+) -> None:
+    models = {
+        "slow": fake_model(spawn_log, "--chunk-delay", "3"),
+        "chat": fake_model(spawn_log),
+    }
+    loaded = make_config(tmp_path, models, read_timeout="0.5s")
+    async with running_manager(loaded) as mgr:
+        status, body = await mgr.post("/v1/echo", json={"model": "slow"})
+        assert status == 504 and "read_timeout" in body["error"]["message"]
+        status, body = await mgr.post("/rerank", json={"model": "chat", "query": "q"})
+        assert status == 400 and body["error"]["type"] == "invalid_request_error"
+        assert "is a chat model" in body["error"]["message"]
+        # A GET without a body reaches the model without a made-up body.
+        async with mgr.http.get(mgr.url + "/v1/echo?model=chat") as resp:
+            headers = {k.lower() for k in (await resp.json())["headers"]}
+        assert "content-length" not in headers and "content-type" not in headers

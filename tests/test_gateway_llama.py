@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ pytest.importorskip("xllamacpp", reason="needs the llama extra (xllamacpp)")
 
 def engine(model: Path, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "llm_manager", "llama-server", "-m", str(model),
+        # `llm-manager` need not be on PATH: the manager runs its own engine itself.
+        "llm-manager", "llama-server", "-m", str(model),
         "--port", "{port}", "-a", "{name}", "-t", "2", "-c", "512", *flags,
     ]  # fmt: skip
 

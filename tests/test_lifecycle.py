@@ -305,7 +305,7 @@ async def test_gpu_indices_of_the_chosen_devices_reach_the_model(
     loaded = make_config(
         tmp_path,
         {
-            "two": on({"cuda:1": 1000, "rtx": 1000}),
+            "two": on({"rtx": 1000, "cuda:1": 5000}),
             "own": on({"cuda:1": 10}, CUDA_VISIBLE_DEVICES="7"),
         },
         devices=[
@@ -315,7 +315,7 @@ async def test_gpu_indices_of_the_chosen_devices_reach_the_model(
     )
     async with running_manager(loaded) as mgr:
         for name, expected in (
-            ("two", "CUDA_VISIBLE_DEVICES=1,0"),
+            ("two", "CUDA_VISIBLE_DEVICES=0,1"),
             ("own", "CUDA_VISIBLE_DEVICES=7"),
         ):
             assert (await mgr.post(f"/api/models/{name}/start"))[0] == 200

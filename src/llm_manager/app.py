@@ -130,4 +130,5 @@ class Application:
 
 
 async def _gateway_error(scope: Scope, receive: Receive, send: Send, exc: ManagerError) -> None:
-    await errors.from_error(scope["path"], exc)(scope, receive, send)
+    # Whatever the path (/rerank, /completions...), forwarded requests are OpenAI-style.
+    await errors.from_error(scope["path"], exc, openai=True)(scope, receive, send)

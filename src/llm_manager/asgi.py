@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from llm_manager.gateway.forward import Receive, Scope, Send
 
-_EXACT = frozenset({"/", "/health", "/v1/models", "/openapi.json", "/docs", "/redoc", "/metrics"})
-_PREFIXES = ("/api/", "/docs/", "/ui", "/v1/models/")
+_EXACT = frozenset(
+    {"/", "/health", "/v1/models", "/openapi.json", "/docs", "/redoc", "/metrics", "/ui"}
+)
+_PREFIXES = ("/api/", "/docs/", "/ui/", "/v1/models/")
 
 
 def is_management(path: str) -> bool:

@@ -117,8 +117,10 @@ class DeviceConfig(_Strict):
     """A device declared by hand, for hardware that cannot be probed (and for tests)."""
 
     name: str = Field(min_length=1, description="Name matched by scheme device keys.")
-    kind: Literal["cuda", "amd", "cpu", "other"] = Field(
-        "cuda", description="Device family, used to group it in /api/devices/info."
+    kind: Literal["cuda", "amd", "other"] = Field(
+        "cuda",
+        description="Device family, used to group it in /api/devices/info. System memory "
+        "is always probed (key `cpu`), so it is not declared.",
     )
     memory_total_mib: int = Field(ge=0, description="Memory of the device in MiB.")
     index: int | None = Field(

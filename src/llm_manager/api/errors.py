@@ -34,8 +34,11 @@ def error_response(
     detail: str | None = None,
     kind: str | None = None,
     headers: dict[str, str] | None = None,
+    openai: bool | None = None,
 ) -> JSONResponse:
-    if path == "/v1" or path.startswith("/v1/"):
+    if openai is None:
+        openai = path == "/v1" or path.startswith("/v1/")
+    if openai:
         body: dict[str, object] = {
             "error": {
                 "message": message if detail is None else f"{message} ({detail})",
@@ -50,8 +53,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def from_error(path: str, exc: ManagerError) -> JSONResponse:
-    return error_response(path, exc.status, exc.message, exc.detail, exc.kind, exc.headers)
+def from_error(path: str, exc: ManagerError, openai: bool | None = None) -> JSONResponse:
+    return error_response(
+        path, exc.status, exc.message, exc.detail, exc.kind, exc.headers, openai=openai
+    )
 
 
 def install(app: FastAPI) -> None:

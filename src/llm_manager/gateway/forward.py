@@ -133,7 +133,7 @@ class Gateway:
             return
         try:
             body = await self._read_body(scope, receive)
-            runtime = self._target(scope, body)
+            runtime, body = self._target(scope, body)
         except _ClientGone:
             return
         except ManagerError as exc:
@@ -167,22 +167,30 @@ class Gateway:
             if not message.get("more_body", False):
                 return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
-    def _target(self, scope: Scope, body: bytes) -> ModelRuntime:
+    def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes]:
+        """The model a request is for, and the body to send it."""
         path: str = scope["path"]
         kind = endpoints.kind_of(path)
         if kind is not None and scope["method"] != "POST":
             raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
-        name = _model_name(scope, body)
+        name, payload = _model_name(scope, body)
         if name is None:
             if kind is None:
                 raise RouteNotFound(f"no route {path} and no model named in the request")
             raise BadRequest("the request names no model: set 'model' in the JSON body")
         runtime = self._supervisor.resolve(name)
         if not endpoints.allowed(runtime.spec.mode, kind):
+            mode = runtime.spec.mode
+            article = "an" if mode[0] in "aeiou" else "a"
             raise BadRequest(
-                f"model {runtime.name!r} is a {runtime.spec.mode} model and does not serve {path}"
+                f"model {runtime.name!r} is {article} {mode} model and does not serve {path}"
             )
-        return runtime
+        if payload is not None and name != runtime.name:
+            # Called by an alias or a prefix: engines that check the name (vLLM, SGLang)
+            # know the model by its configured name. Re-serialised only in this case.
+            payload["model"] = runtime.name
+            body = json.dumps(payload, ensure_ascii=False).encode()
+        return runtime, body
 
     # --- relaying ---------------------------------------------------------------------------
 
@@ -265,9 +273,15 @@ class Gateway:
                 # keep-alive timeout and after some streams). Nothing reached the client yet:
                 # try once more on a connection that is certainly new.
                 return await self._request(self._fresh, method, url, headers, body)
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamFailed(
+                f"cannot connect to the model server within "
+                f"{self._settings.connect_timeout:g} s (connect_timeout)"
+            ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout(
-                f"the model server did not answer within {self._settings.read_timeout:g} s"
+                f"the model server sent nothing for {self._settings.read_timeout:g} s "
+                "(read_timeout)"
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"the model server failed: {exc}") from None
@@ -284,7 +298,7 @@ class Gateway:
             method,
             url,
             headers=headers,
-            data=body,
+            data=body or None,  # no body: no Content-Length/Content-Type made up for it
             timeout=self._timeout,
             allow_redirects=False,
             auto_decompress=False,
@@ -351,8 +365,11 @@ def _apply(record: RequestRecord, usage: Usage) -> None:
     record.predicted_n = usage.predicted_n
 
 
-def _model_name(scope: Scope, body: bytes) -> str | None:
-    """``model`` from the JSON body, else from ``?model=``; a present but bad one is 400."""
+def _model_name(scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """``model`` from the JSON body (with the decoded body), else from ``?model=``.
+
+    A ``model`` that is present but not a non-empty string is 400.
+    """
     query_model: str | None = None
     if scope["query_string"]:
         for key, value in parse_qsl(scope["query_string"].decode("latin-1")):
@@ -360,27 +377,27 @@ def _model_name(scope: Scope, body: bytes) -> str | None:
                 query_model = value
     stripped = body.lstrip()
     if not stripped:
-        return query_model
+        return query_model, None
     if stripped[:1] not in (b"{", b"["):
         if query_model is not None:
-            return query_model  # not JSON (a file upload): ?model= names the model
+            return query_model, None  # not JSON (a file upload): ?model= names the model
         raise BadRequest("the request body is not JSON")
     try:
         payload: object = json.loads(body)
     except ValueError as exc:
         if query_model is not None:
-            return query_model
+            return query_model, None
         raise BadRequest(f"invalid JSON in the request body: {exc}") from None
     if not isinstance(payload, dict):
         if query_model is not None:
-            return query_model
+            return query_model, None
         raise BadRequest("the request body must be a JSON object")
     if "model" not in payload:
-        return query_model
+        return query_model, None
     name = payload["model"]
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("'model' must be a non-empty string")
-    return name
+    return name, payload
 
 
 class _DisconnectWatcher:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ def build(
         raw = scheme.command
         parts = shlex.split(raw) if isinstance(raw, str) else list(raw or [])
         argv = [substitute(p, values) for p in parts]
+        if argv[0] == "llm-manager":
+            # Our own engine: run it with this interpreter, whether or not the venv's bin
+            # directory is on PATH (it is not under `make run`).
+            argv[:1] = [sys.executable, "-m", "llm_manager"]
         exe = argv[0]
         if os.sep in exe:
             # A relative program path is relative to the scheme's cwd, else the config's

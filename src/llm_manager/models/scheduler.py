@@ -120,12 +120,12 @@ def fit_scheme(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -
         assignment[key] = chosen.key
         taken.add(chosen.key)
     else:
-        return Fit(name, assignment, {assignment[k]: mib for k, mib in needs.items()})
+        return _fit(name, needs, assignment)
     # The greedy pass can take the one device a later key needed (a name key grabbing
     # cuda:1 before a "cuda:1" key); look for any distinct assignment before giving up.
     matched = _match(order, [d for d in devices if d.online])
     if matched is not None:
-        return Fit(name, matched, {matched[k]: mib for k, mib in needs.items()})
+        return _fit(name, needs, matched)
     return shortfall
 
 
@@ -155,6 +155,13 @@ def _match(order: Sequence[tuple[str, int]], online: Sequence[Device]) -> dict[s
         if not augment(key, set()):
             return None
     return {key: dev for dev, key in owner.items()}
+
+
+def _fit(name: str, needs: Mapping[str, int], assignment: Mapping[str, str]) -> Fit:
+    # In the scheme's own key order: CUDA_VISIBLE_DEVICES follows it, and engines' tensor
+    # split flags follow CUDA_VISIBLE_DEVICES.
+    ordered = {key: assignment[key] for key in needs}
+    return Fit(name, ordered, {ordered[k]: mib for k, mib in needs.items()})
 
 
 def is_present(needs: Mapping[str, int], devices: Sequence[Device]) -> bool:
