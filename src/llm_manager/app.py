@@ -11,10 +11,13 @@ import aiohttp
 from fastapi import FastAPI
 
 from llm_manager import __version__
-from llm_manager.api import errors, logs, models, system, usage
+from llm_manager.api import devices, errors, logs, models, system, usage
 from llm_manager.asgi import Dispatcher
-from llm_manager.config import LoadedConfig
+from llm_manager.config import DeviceConfig, LoadedConfig
+from llm_manager.devices.amd import AmdProvider
+from llm_manager.devices.base import DeviceProvider
 from llm_manager.devices.cpu import CpuProvider
+from llm_manager.devices.cuda import CudaProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.devices.static import StaticProvider
 from llm_manager.errors import ManagerError
@@ -38,7 +41,7 @@ class Application:
         self.loaded = loaded
         self.http = http
         self.fresh = fresh
-        self.monitor = DeviceMonitor([CpuProvider(), StaticProvider(config.devices)])
+        self.monitor = DeviceMonitor(providers(config.devices))
         self.db = Database(server.data_dir / "llm-manager.db")
         self.usage = UsageStore(self.db)
         self.logbook = LogBook(
@@ -103,6 +106,7 @@ class Application:
         app.include_router(models.router(self.supervisor, say))
         app.include_router(usage.router(self.supervisor, self.usage))
         app.include_router(logs.router(self.supervisor, self.logbook, say))
+        app.include_router(devices.router(self.supervisor))
         return app
 
     async def startup(self) -> None:
@@ -127,6 +131,18 @@ class Application:
             await self.http.close()
             await self.fresh.close()
             await asyncio.to_thread(self.db.close)
+
+
+def providers(declared: list[DeviceConfig]) -> list[DeviceProvider]:
+    """CPU and NVIDIA always (reported offline where absent, as the seed's shape has both),
+    AMD where sysfs shows one, declared devices where there are any."""
+    found: list[DeviceProvider] = [CpuProvider(), CudaProvider()]
+    amd = AmdProvider()
+    if amd.present():
+        found.append(amd)
+    if declared:
+        found.append(StaticProvider(declared))
+    return found
 
 
 async def _gateway_error(scope: Scope, receive: Receive, send: Send, exc: ManagerError) -> None:

@@ -136,8 +136,12 @@ def _device_key(key: str) -> str:
     # with bad sizes in the same mapping, each at its own line.
     if not key.strip():
         raise ValueError("a device key cannot be empty")
-    if key.lower().startswith("cuda:") and not key[5:].isdigit():
-        raise ValueError(f"device key {key!r}: use cuda:N with N a GPU index")
+    family, colon, index = key.strip().partition(":")
+    if colon:
+        if family.lower() not in ("cuda", "amd"):
+            raise ValueError(f"unknown device key {key!r}: use cpu, cuda:N, amd:N or a device name")
+        if not index.isdigit():
+            raise ValueError(f"device key {key!r}: use {family.lower()}:N with N a GPU index")
     return key
 
 

@@ -343,6 +343,50 @@ def logs(
         pass
 
 
+@cli.command()
+@url_option
+@json_option
+def devices(url: str | None, as_json: bool) -> None:
+    """GPUs and CPU: memory, temperature, and which model uses what."""
+    data = _request(url, "GET", "/api/devices/info")
+    if as_json or not data.get("success"):
+        _finish(data, as_json)
+        return
+    table = Table(title="devices")
+    for column in ("device", "name", "used / total MiB", "free MiB", "temp", "util", "models"):
+        table.add_column(column)
+    for family, report in data["devices"].items():
+        info = report.get("info", {})
+        if not report.get("online"):
+            table.add_row(family, f"offline: {report.get('error', '')}", "", "", "", "", "")
+            continue
+        if family == "cpu":
+            temp = info.get("temperature")
+            table.add_row(
+                "cpu",
+                f"{info['cpu_count']} CPUs",
+                f"{info['memory_used']} / {info['memory_total']}",
+                str(info["memory_free"]),
+                "-" if temp is None else f"{temp:.0f}°C",
+                "",
+                "",
+            )
+            continue
+        for dev in info.get("devices", []):
+            users = sorted({p["model"] for p in dev.get("processes", []) if p.get("model")})
+            temp, util = dev.get("temperature"), dev.get("utilization")
+            table.add_row(
+                dev.get("key") or family,
+                dev["name"],
+                f"{dev['memory_used']} / {dev['memory_total']}",
+                str(dev["memory_free"]),
+                "-" if temp is None else f"{temp:.0f}°C",
+                "-" if util is None else f"{util:.0f}%",
+                ", ".join(users),
+            )
+    Console().print(table)
+
+
 cli.add_command(llama_server)
 
 

@@ -24,6 +24,9 @@ class Device:
     temperature: float | None = None
     online: bool = True
     measured: bool = True
+    uuid: str | None = None
+    utilization: float | None = None  # percent busy
+    processes: tuple[tuple[int, int], ...] = ()  # (pid, MiB) of compute processes
 
 
 @dataclass(frozen=True)

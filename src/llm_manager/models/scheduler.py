@@ -74,12 +74,14 @@ def _norm(text: str) -> str:
 
 
 def matches(key: str, device: Device) -> bool:
-    """Contract §2: ``cpu``, ``cuda:N``, or a name substring ignoring case, spaces, dashes."""
+    """Contract §2: ``cpu``, ``cuda:N`` (``amd:N``), or a name substring ignoring case,
+    spaces and dashes."""
     lowered = key.strip().casefold()
     if lowered == "cpu":
         return device.key == "cpu"  # system memory, as probed; not a declared device
-    if lowered.startswith("cuda:") and lowered[5:].isdigit():
-        return device.kind == "cuda" and device.index == int(lowered[5:])
+    family, colon, index = lowered.partition(":")
+    if colon and family in ("cuda", "amd") and index.isdigit():
+        return device.kind == family and device.index == int(index)
     if device.kind == "cpu":
         return False
     wanted = _norm(key)

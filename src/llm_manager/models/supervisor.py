@@ -28,6 +28,9 @@ from llm_manager.models.scheduler import Claim, Fit, Holder
 
 log = logging.getLogger(__name__)
 
+# After evicting, how long to wait for the freed memory to show in the device readings.
+MEMORY_SETTLE_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class Preview:
@@ -85,6 +88,7 @@ class Supervisor:
         if killed:
             log.warning("killed %d model process(es) left by an earlier run", len(killed))
         await self._reaper.start()
+        self._spawn(self._warn_unknown_devices(), "device check")
         self._spawn(self._idle_loop(), "idle unload")
         self._spawn(self._autostart(), "auto-start")
 
@@ -135,9 +139,11 @@ class Supervisor:
         schemes = [(n, s.devices) for n, s in runtime.spec.schemes.items()]
         async with self._placement_lock:
             evicted: set[str] = set()
-            for attempt in range(4):
-                # After an eviction, re-read the devices: memory must actually be free.
-                snap = await self.monitor.snapshot(max_age=0 if attempt else None)
+            settle_until = 0.0
+            while True:
+                # After an eviction, read the devices afresh: the memory must actually be
+                # free (a GPU releases an exited process's memory a moment later).
+                snap = await self.monitor.snapshot(max_age=0 if evicted else None)
                 devices = scheduler.apply_claims(
                     snap.devices, self._claims_of(exclude=runtime.name)
                 )
@@ -145,6 +151,9 @@ class Supervisor:
                 if isinstance(result, Fit):
                     self._claims[runtime.name] = tuple(result.needs.items())
                     return result, result.gpu_indices(snap.devices)
+                if time.monotonic() < settle_until:
+                    await asyncio.sleep(0.25)
+                    continue
                 victims = self._eviction(runtime, schemes, devices, evicted)
                 if not victims:
                     break
@@ -155,9 +164,7 @@ class Supervisor:
                         for v in victims
                     )
                 )
-                if attempt:
-                    await asyncio.sleep(0.2 * attempt)
-        assert not isinstance(result, Fit)
+                settle_until = time.monotonic() + MEMORY_SETTLE_SECONDS
         details = "; ".join(s.describe() for s in result)
         raise DeviceUnavailable("device unavailable or insufficient resources", details)
 
@@ -222,6 +229,21 @@ class Supervisor:
         for runtime, result in zip(targets, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("auto-start of %s failed: %s", runtime.name, result)
+
+    async def _warn_unknown_devices(self) -> None:
+        """Name, once at start, the scheme device keys that match no device at all."""
+        snap = await self.monitor.snapshot()
+        known = [d for r in snap.reports for d in r.devices]
+        for runtime in self.runtimes:
+            for scheme, spec in runtime.spec.schemes.items():
+                for key in spec.devices:
+                    if not any(scheduler.matches(key, d) for d in known):
+                        log.warning(
+                            "model %s, scheme %s: device %r matches no device on this machine",
+                            runtime.name,
+                            scheme,
+                            key,
+                        )
 
     async def _idle_loop(self) -> None:
         timeouts = [r.idle_timeout for r in self.runtimes if r.idle_timeout > 0]
