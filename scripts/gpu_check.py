@@ -58,13 +58,13 @@ def main() -> int:
     config = {
         "server": {"data_dir": str(tmp / "data"), "startup_timeout": "120s"},
         "models": {
-            # "h1" matches an H100 or H200 by name. The first fits; the second needs nearly
+            # "nvidia h" matches an H100 or H200 by name. The first fits; the second needs nearly
             # the whole card, so it must evict the first and wait for its memory to free.
             "gpu-small": {
                 "schemes": {"GPU": {"devices": {"cuda:0": 2000}, "command": model + ["1024"]}}
             },
             "gpu-big": {
-                "schemes": {"GPU": {"devices": {"h1": big_need}, "command": model + ["2048"]}}
+                "schemes": {"GPU": {"devices": {"nvidia h": big_need}, "command": model + ["2048"]}}
             },
         },
     }

@@ -292,6 +292,11 @@ async def test_api_key(tiny_models: TinyModels, tmp_path: Path) -> None:
 def test_stop_signal_exits_zero(tiny_models: TinyModels, tmp_path: Path, sig: int) -> None:
     engine = start_engine(tiny_models.chat, tmp_path / "engine.log")
     try:
+        # "serving" is printed once stop signals are handled (not in the instant between
+        # the model being ready and that, when a signal ends the process by default).
+        deadline = time.monotonic() + 10
+        while "serving" not in engine.log_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
         started = time.monotonic()
         engine.proc.send_signal(sig)
         assert engine.proc.wait(10) == 0

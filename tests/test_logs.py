@@ -288,3 +288,20 @@ async def test_cli_logs(tmp_path: Path, spawn_log: Path) -> None:
         )  # fmt: skip
         assert missing.returncode == 1 and "404" in missing.stderr
         await mgr.post("/api/models/m/stop")
+
+
+async def test_many_subscribers_each_get_every_line() -> None:
+    book = LogBook(None, LogSettings(buffer_lines=1000, retention=0, max_lines=0))
+    model_log = book.create("m")
+    model_log.append("stdout", "before")
+    subs = [model_log.subscribe() for _ in range(20)]
+    for i in range(100):
+        model_log.append("stdout", f"line {i}")
+    for past, sub in subs:
+        assert [x.message for x in past] == ["before"]
+        skipped, lines = await sub.get()
+        assert skipped == 0 and [x.message for x in lines] == [f"line {i}" for i in range(100)]
+    for _, sub in subs:
+        model_log.unsubscribe(sub)
+    model_log.append("stdout", "after")  # nobody listens: nothing queued anywhere
+    assert all(not sub._lines for _, sub in subs)  # noqa: SLF001

@@ -257,6 +257,10 @@ def serve(args: argparse.Namespace) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
     server = _load(xlc, params)
+    if main_thread:
+        # From here a stop signal means a clean exit with status 0. (In the moment between
+        # the model becoming ready and this line, it still ends the process at once.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     version = getattr(xlc, "__version__", "?")
     print(
         f"{PROG}: serving {model} on {server.listening_address} "
@@ -266,7 +270,6 @@ def serve(args: argparse.Namespace) -> int:
     )
     if not main_thread:  # e.g. called from a test thread: serve until the process ends
         threading.Event().wait()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     signum = signal.sigwait(STOP_SIGNALS)
     _stop_now(signum)
     return 0  # pragma: no cover - _stop_now does not return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -16,6 +17,7 @@ from llm_manager.config import SchemeConfig
 from llm_manager.errors import StartFailed
 
 UPSTREAM_HOST = "127.0.0.1"
+_PLAIN = re.compile(r"[\w./:{}=,@%+-]+")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ def describe(scheme: SchemeConfig) -> str:
     if scheme.script is not None:
         return scheme.script
     if isinstance(scheme.command, list):
-        return shlex.join(scheme.command)
+        # Quoted only where a shell would need it; placeholders stay readable ({port}).
+        return " ".join(p if _PLAIN.fullmatch(p) else shlex.quote(p) for p in scheme.command)
     return scheme.command or ""
 
 
