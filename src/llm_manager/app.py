@@ -6,13 +6,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from llm_manager import __version__
 from llm_manager.api import devices, errors, logs, models, system, usage
 from llm_manager.asgi import Dispatcher
+from llm_manager.auth import KeyCheck
 from llm_manager.config import DeviceConfig, LoadedConfig
 from llm_manager.devices.amd import AmdProvider
 from llm_manager.devices.base import DeviceProvider
@@ -24,10 +27,12 @@ from llm_manager.errors import ManagerError
 from llm_manager.gateway.forward import Gateway, GatewaySettings, Receive, Scope, Send
 from llm_manager.logs import LogBook, LogSettings
 from llm_manager.messages import Messages
+from llm_manager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from llm_manager.metrics import Metrics
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.db import Database
 from llm_manager.store.logs import LogStore
-from llm_manager.store.usage import UsageStore
+from llm_manager.store.usage import RequestRecord, UsageStore
 
 
 class Application:
@@ -53,6 +58,7 @@ class Application:
             ),
         )
         self.supervisor = Supervisor(loaded, self.monitor, http, self.logbook)
+        self.metrics = Metrics(self.supervisor, self.monitor)
         self._tasks: list[asyncio.Task[None]] = []
         self.gateway = Gateway(
             self.supervisor,
@@ -60,14 +66,25 @@ class Application:
                 max_body_bytes=server.max_body_bytes,
                 connect_timeout=server.connect_timeout,
                 read_timeout=server.read_timeout,
+                strip_keys=bool(server.api_keys),
             ),
             pooled=http,
             fresh=fresh,
-            record=self.usage.add,
+            record=self._record,
             error=_gateway_error,
         )
         self.management = self._build_management(Messages(server.language))
-        self.asgi = Dispatcher(self.management, self.gateway)
+        keys = KeyCheck(server.api_keys, server.admin_keys)
+        dispatcher = Dispatcher(self.management, self.gateway, keys, _deny)
+        self.asgi: Any = dispatcher
+        if server.cors_origins:
+            self.asgi = CORSMiddleware(
+                dispatcher,
+                allow_origins=server.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["authorization", "content-type", "x-api-key"],
+                expose_headers=["x-llm-manager-overhead-ms", "retry-after"],
+            )
 
     @classmethod
     async def create(cls, loaded: LoadedConfig) -> Application:
@@ -107,6 +124,11 @@ class Application:
         app.include_router(usage.router(self.supervisor, self.usage))
         app.include_router(logs.router(self.supervisor, self.logbook, say))
         app.include_router(devices.router(self.supervisor))
+
+        @app.get("/metrics", tags=["system"], summary="Prometheus metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
         return app
 
     async def startup(self) -> None:
@@ -115,6 +137,11 @@ class Application:
         await self.logbook.load()
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
+
+    def _record(self, record: RequestRecord) -> None:
+        """Every forwarded request ends here: one row for SQLite, and the counters."""
+        self.usage.add(record)
+        self.metrics.observe(record)
 
     def begin_shutdown(self) -> None:
         """Called as soon as a stop is asked for: end the streams that would otherwise hold
@@ -143,6 +170,20 @@ def providers(declared: list[DeviceConfig]) -> list[DeviceProvider]:
     if declared:
         found.append(StaticProvider(declared))
     return found
+
+
+async def _deny(scope: Scope, receive: Receive, send: Send, management: bool) -> None:
+    path = scope["path"]
+    response = errors.error_response(
+        path,
+        401,
+        "missing or invalid API key",
+        "send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+        kind="authentication_error",
+        headers={"WWW-Authenticate": "Bearer"},
+        openai=None if management else True,
+    )
+    await response(scope, receive, send)
 
 
 async def _gateway_error(scope: Scope, receive: Receive, send: Send, exc: ManagerError) -> None:

@@ -84,10 +84,12 @@ class ServerConfig(_Strict):
         10.0, description="SIGTERM grace period before SIGKILL to the model's process group."
     )
     api_keys: list[str] = Field(
-        default_factory=list, description="Keys accepted on /v1/* (Bearer or x-api-key)."
+        default_factory=list,
+        description="Keys for /v1/* and forwarded requests (Bearer or x-api-key).",
     )
     admin_keys: list[str] = Field(
-        default_factory=list, description="Keys required for mutating /api/* endpoints."
+        default_factory=list,
+        description="Keys for management writes, /metrics and /ui (default: api_keys).",
     )
     connect_timeout: Duration = Field(
         10.0, gt=0, description="Connecting to a running model server, else 502."
@@ -97,6 +99,10 @@ class ServerConfig(_Strict):
         gt=0,
         description="Longest wait for the model server's next bytes (first byte included), "
         "else 504 (or the stream ends).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS); empty = off.",
     )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."

@@ -94,11 +94,15 @@ class _ClientGone(Exception):
     pass
 
 
+_KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     max_body_bytes: int
     connect_timeout: float
     read_timeout: float
+    strip_keys: bool = False  # LLM-Manager's own keys are not the model server's
 
 
 ErrorResponder = Callable[[Scope, Receive, Send, ManagerError], Awaitable[None]]
@@ -124,6 +128,7 @@ class Gateway:
         self._fresh = fresh  # force_close: a retry that cannot meet a stale connection
         self._record = record
         self._error = error
+        self._drop = _DROP_REQUEST | _KEY_HEADERS if settings.strip_keys else _DROP_REQUEST
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
@@ -131,6 +136,7 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        began = time.perf_counter()
         try:
             body = await self._read_body(scope, receive)
             runtime, body = self._target(scope, body)
@@ -139,7 +145,7 @@ class Gateway:
         except ManagerError as exc:
             await self._error(scope, receive, send, exc)
             return
-        await self._serve(runtime, scope, receive, send, body)
+        await self._serve(runtime, scope, receive, send, body, began)
 
     # --- request checks ---------------------------------------------------------------------
 
@@ -195,10 +201,15 @@ class Gateway:
     # --- relaying ---------------------------------------------------------------------------
 
     async def _serve(
-        self, runtime: ModelRuntime, scope: Scope, receive: Receive, send: Send, body: bytes
+        self,
+        runtime: ModelRuntime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        began: float,
     ) -> None:
         record = RequestRecord(runtime.name, scope["path"], scope["method"])
-        began = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
         watcher = _DisconnectWatcher(receive, task)
@@ -233,6 +244,7 @@ class Gateway:
         began: float,
     ) -> None:
         gate = runtime.gate
+        own_time = time.perf_counter() - began  # reading, checking: the gateway's own work
         try:
             await gate.acquire()
         except ManagerError as exc:
@@ -243,12 +255,13 @@ class Gateway:
             try:
                 base = await runtime.ensure_ready()
                 upstream = await self._open(base, scope, body)
+                answered = time.perf_counter()
             except ManagerError as exc:
                 record.status, record.error = exc.status, exc.message
                 await self._error(scope, receive, send, exc)
                 return
             try:
-                await self._pipe(upstream, send, record, began)
+                await self._pipe(upstream, send, record, began, own_time, answered)
             finally:
                 upstream.release()
         finally:
@@ -261,7 +274,7 @@ class Gateway:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
-            if k not in _DROP_REQUEST
+            if k not in self._drop
         ]
         headers.append(("Accept-Encoding", "identity"))  # relay bytes as they are
         method: str = scope["method"]
@@ -310,6 +323,8 @@ class Gateway:
         send: Send,
         record: RequestRecord,
         began: float,
+        own_time: float,
+        answered: float,
     ) -> None:
         record.status = upstream.status
         content_type = upstream.headers.get("Content-Type", "")
@@ -320,6 +335,11 @@ class Gateway:
             (k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE
         ]
         headers.append(_NO_BUFFERING)
+        # The gateway's own time before the answer starts: its checks, plus the turnaround
+        # of the model's headers (waits for a queue slot or a start are not counted).
+        overhead = (own_time + time.perf_counter() - answered) * 1000
+        record.overhead_ms = overhead
+        headers.append((b"x-llm-manager-overhead-ms", f"{overhead:.3f}".encode()))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         scanner = SSEUsageScanner() if sse else None
         kept: list[bytes] = []

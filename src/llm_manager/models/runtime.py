@@ -85,6 +85,8 @@ class ModelRuntime:
         self.pending = 0
         self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
         self.start_count = 0
+        self.crash_count = 0
+        self.last_start_seconds: float | None = None
         self.last_used = time.monotonic()
         self._proc: ModelProcess | None = None
         self._start_task: asyncio.Task[None] | None = None
@@ -217,6 +219,7 @@ class ModelRuntime:
                 self._fail(f"start failed: {exc!r}")
                 raise StartFailed(f"model {self.name!r} failed to start: {exc!r}") from exc
             self.start_count += 1
+            self.last_start_seconds = time.monotonic() - began
             self.last_used = time.monotonic()
             self._set_state(State.ROUTING)
             self.log.event(f"ready after {time.monotonic() - began:.1f} s")
@@ -288,6 +291,7 @@ class ModelRuntime:
         if self._proc is not proc or self._state is not State.ROUTING:
             return  # a stop or a failing start handles it
         reason = f"process exited with code {code}"
+        self.crash_count += 1
         self.log.event(reason)
         # Kill anything the process left in its group (a forked worker), then forget it.
         await proc.stop(0)

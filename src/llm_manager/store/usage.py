@@ -51,6 +51,7 @@ class RequestRecord:
     prompt_n: int | None = None
     predicted_n: int | None = None
     error: str | None = None
+    overhead_ms: float | None = None  # for metrics and the response header; not stored
 
 
 class UsageStore:
