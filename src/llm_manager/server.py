@@ -15,8 +15,10 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from llm_manager import quickstart
 from llm_manager.app import Application
 from llm_manager.config import LoadedConfig
+from llm_manager.settings import BUILTIN_SOURCE
 
 log = logging.getLogger("llm_manager")
 
@@ -112,6 +114,9 @@ async def serve(
         shown,
         actual,
     )
+    if loaded.source == BUILTIN_SOURCE:
+        for line in quickstart.banner(loaded.config, f"http://{shown}:{actual}").splitlines():
+            log.info("%s", line)
     await server.serve(sockets=[sock])
     if early is not None and early.received and not server.started:
         return 0  # asked to stop before it had started: not a failure

@@ -40,6 +40,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+async def _json(request: web.Request) -> dict:
+    """The request's JSON object; anything else is a 400, as real engines answer."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "invalid JSON"}', content_type="application/json")  # noqa: B904
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error": "not an object"}', content_type="application/json")
+    return body
+
+
 def main() -> None:
     args = parse_args()
     if args.spawn_log:
@@ -86,7 +97,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        body = await _json(request)
         usage = {
             "prompt_tokens": 7,
             "completion_tokens": args.chunks,
@@ -139,7 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
         return resp
 
     async def embeddings(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json(request)
         inputs = body.get("input", [])
         inputs = [inputs] if isinstance(inputs, str) else inputs
         data = [
@@ -169,7 +180,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
 
     async def completions(request: web.Request) -> web.Response:
-        await request.json()
+        await _json(request)
         return web.json_response(
             {
                 "object": "text_completion",
@@ -180,7 +191,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
 
     async def rerank(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json(request)
         docs = body.get("documents", [])
         results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
         return web.json_response(
@@ -192,7 +203,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        body = await _json(request)
         if not body.get("stream"):
             return web.json_response(
                 {

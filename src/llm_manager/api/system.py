@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,7 +13,9 @@ from llm_manager.models.runtime import ModelRuntime
 from llm_manager.models.supervisor import Supervisor
 
 
-def router(supervisor: Supervisor, created: int) -> APIRouter:
+def router(
+    supervisor: Supervisor, created: int, storage: Callable[[], dict[str, Any]]
+) -> APIRouter:
     api = APIRouter(tags=["system"])
 
     @api.get("/", summary="Server information")
@@ -25,10 +28,13 @@ def router(supervisor: Supervisor, created: int) -> APIRouter:
 
     @api.get("/health", summary="Health of the server and its models")
     async def health() -> dict[str, Any]:
+        # Still "healthy" when records cannot be written: requests are served all the same;
+        # "storage" says what is wrong.
         return {
             "status": "healthy",
             "models_count": len(supervisor.runtimes),
             "running_models": running_count(supervisor.runtimes),
+            "storage": storage(),
         }
 
     def entry(runtime: ModelRuntime) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from rich.table import Table
 from llm_manager import __version__, settings
 from llm_manager.cli.client import ClientError, base_url, call, stream_events
 from llm_manager.cli.llama import llama_server
+from llm_manager.cli.quickstart import quickstart_model
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
 
 if TYPE_CHECKING:
@@ -388,6 +389,7 @@ def devices(url: str | None, as_json: bool) -> None:
 
 
 cli.add_command(llama_server)
+cli.add_command(quickstart_model)
 
 
 def main() -> None:

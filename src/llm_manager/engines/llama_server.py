@@ -182,6 +182,10 @@ def _params(xlc: Any, args: argparse.Namespace) -> Any:
             raise EngineError(f"cannot read --chat-template-file: {e}") from None
     elif args.chat_template:
         params.chat_template = args.chat_template
+        if args.jinja is None and "{" not in args.chat_template:
+            # A built-in template's name (gemma, chatml...): llama.cpp only looks names up
+            # with Jinja off; with it on the name itself would be rendered as the template.
+            params.use_jinja = False
     if args.jinja is not None:
         params.use_jinja = args.jinja
     if args.api_key:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from llm_manager.errors import StorageUnavailable
 from llm_manager.store.migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class _Call:
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                exc = StorageUnavailable("the database cannot be written", str(exc))
             self.future.set_exception(exc)
         else:
             self.future.set_result(result)
@@ -115,6 +118,15 @@ class Database:
         self._thread.start()
         return True
 
+    def status(self) -> dict[str, Any]:
+        """For /health: whether records are being written, and what went wrong if not."""
+        return {
+            "ok": self._thread is not None and self.last_error is None,
+            "error": self.last_error,
+            "written": self.written,
+            "dropped": self.dropped,
+        }
+
     def submit(self, sql: str, params: Sequence[Any]) -> None:
         if self._thread is None:
             self.dropped += 1
@@ -143,7 +155,7 @@ class Database:
         before it (deletes that must see earlier inserts); the future holds its result."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         if self._thread is None:
-            future.set_exception(sqlite3.OperationalError(self.last_error or "database closed"))
+            future.set_exception(self._unavailable())
             return future
         self._queue.put(_Call(fn, future))
         self._wake.set()
@@ -151,11 +163,21 @@ class Database:
 
     def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on this thread's own connection (WAL: readers never wait for the writer)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            self._local.conn = conn
-        return query(conn)
+        if self._thread is None:
+            raise self._unavailable()
+        try:
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = connect(self.path)
+                self._local.conn = conn
+            return query(conn)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable("the database cannot be read", str(exc)) from None
+
+    def _unavailable(self) -> StorageUnavailable:
+        return StorageUnavailable(
+            "the database is not available", self.last_error or "the database is closed"
+        )
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         pending: list[Write] = []
