@@ -12,7 +12,7 @@ import aiohttp
 from fastapi import FastAPI, Response
 from starlette.middleware.cors import CORSMiddleware
 
-from llm_manager import __version__
+from llm_manager import __version__, settings
 from llm_manager.api import devices, errors, logs, models, system, usage
 from llm_manager.asgi import Dispatcher
 from llm_manager.auth import KeyCheck
@@ -30,6 +30,7 @@ from llm_manager.messages import Messages
 from llm_manager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_manager.metrics import Metrics
 from llm_manager.models.supervisor import Supervisor
+from llm_manager.reload import Reloader
 from llm_manager.store.db import Database
 from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import RequestRecord, UsageStore
@@ -39,7 +40,12 @@ class Application:
     """One running manager. Build it inside the event loop (``await Application.create``)."""
 
     def __init__(
-        self, loaded: LoadedConfig, http: aiohttp.ClientSession, fresh: aiohttp.ClientSession
+        self,
+        loaded: LoadedConfig,
+        http: aiohttp.ClientSession,
+        fresh: aiohttp.ClientSession,
+        overrides: dict[str, object] | None = None,
+        watch: bool = False,
     ) -> None:
         config = loaded.config
         server = config.server
@@ -59,6 +65,13 @@ class Application:
         )
         self.supervisor = Supervisor(loaded, self.monitor, http, self.logbook)
         self.metrics = Metrics(self.supervisor, self.monitor)
+        self.reloader = Reloader(
+            loaded,
+            lambda: settings.reread(loaded, overrides or {}),
+            self.supervisor,
+            self.monitor,
+        )
+        self._watch = watch
         self._tasks: list[asyncio.Task[None]] = []
         self.gateway = Gateway(
             self.supervisor,
@@ -87,7 +100,12 @@ class Application:
             )
 
     @classmethod
-    async def create(cls, loaded: LoadedConfig) -> Application:
+    async def create(
+        cls,
+        loaded: LoadedConfig,
+        overrides: dict[str, object] | None = None,
+        watch: bool = False,
+    ) -> Application:
         # One pool for health probes and forwarding. Its idle keep-alive (4 s) stays below
         # llama.cpp's (5 s), so the pool drops a connection before the engine does.
         # No session-wide timeout: each call sets its own.
@@ -101,7 +119,7 @@ class Application:
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
             auto_decompress=False,
         )
-        return cls(loaded, http, fresh)
+        return cls(loaded, http, fresh, overrides, watch)
 
     def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager
@@ -127,6 +145,11 @@ class Application:
         app.include_router(logs.router(self.supervisor, self.logbook, say))
         app.include_router(devices.router(self.supervisor))
 
+        @app.post("/api/config/reload", tags=["system"], summary="Re-read the configuration")
+        async def reload_config() -> dict[str, Any]:
+            report = await self.reloader.reload()
+            return {"success": True, "message": "configuration reloaded", **report}
+
         @app.get("/metrics", tags=["system"], summary="Prometheus metrics")
         async def metrics() -> Response:
             return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -139,6 +162,8 @@ class Application:
         await self.logbook.load()
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
+        if self._watch:
+            self._tasks.append(asyncio.create_task(self.reloader.watch(), name="watch"))
 
     def _record(self, record: RequestRecord) -> None:
         """Every forwarded request ends here: one row for SQLite, and the counters."""

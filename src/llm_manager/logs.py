@@ -153,6 +153,9 @@ class LogBook:
     def get(self, model: str) -> ModelLog:
         return self._logs[model]
 
+    def has(self, model: str) -> bool:
+        return model in self._logs
+
     async def load(self) -> None:
         """Fill each ring with the newest lines kept from earlier runs."""
         if self._store is None:

@@ -34,6 +34,7 @@ class EarlySignals:
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._record)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before start: nothing to do
 
     def _record(self, signum: int, _frame: object) -> None:
         self.received.append(signum)
@@ -45,10 +46,12 @@ class _Server(uvicorn.Server):
         config: uvicorn.Config,
         early: EarlySignals | None,
         on_exit: Callable[[], None] | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
         self._early = early
         self._on_exit = on_exit
+        self._on_reload = on_reload
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -63,9 +66,12 @@ class _Server(uvicorn.Server):
             if self._on_exit is not None:
                 self._on_exit()
 
-        sigs = (signal.SIGINT, signal.SIGTERM)
+        sigs: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
         for sig in sigs:
             loop.add_signal_handler(sig, on_signal, sig)
+        if self._on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+            sigs += (signal.SIGHUP,)
         if self._early is not None and self._early.received:
             on_signal(signal.Signals(self._early.received[0]))
         try:
@@ -91,10 +97,12 @@ async def serve(
     port: int,
     log_level: str,
     early: EarlySignals | None = None,
+    overrides: dict[str, object] | None = None,
+    watch: bool = False,
 ) -> int:
     sock = bind(host, port)
     actual = sock.getsockname()[1]
-    application = await Application.create(loaded)
+    application = await Application.create(loaded, overrides, watch)
     config = uvicorn.Config(
         application.asgi,
         log_level=log_level.lower(),
@@ -105,7 +113,15 @@ async def serve(
         timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
         log_config=None,
     )
-    server = _Server(config, early, application.begin_shutdown)
+
+    def reload_on_signal() -> None:
+        log.info("received SIGHUP: reloading the configuration")
+        task = asyncio.create_task(application.reloader.reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    reloads: set[asyncio.Task[None]] = set()
+    server = _Server(config, early, application.begin_shutdown, reload_on_signal)
     shown = f"[{host}]" if ":" in host else host
     log.info(
         "LLM-Manager listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)",

@@ -33,6 +33,17 @@ def load(explicit: str | None) -> LoadedConfig:
     return resolve_paths(loaded)
 
 
+def reread(loaded: LoadedConfig, overrides: dict[str, object]) -> LoadedConfig:
+    """The same source read again, with the same command-line overrides."""
+    if loaded.source == BUILTIN_SOURCE:
+        text = resources.files("llm_manager").joinpath("quickstart.yaml").read_text("utf-8")
+        fresh = LoadedConfig(parse_text(text, BUILTIN_SOURCE), BUILTIN_SOURCE, loaded.base_dir)
+    else:
+        fresh = load_file(Path(loaded.source))
+    fresh = resolve_paths(fresh)
+    return with_server(fresh, **overrides) if overrides else fresh
+
+
 def resolve_paths(loaded: LoadedConfig) -> LoadedConfig:
     """A relative ``data_dir`` is relative to the config file's directory."""
     server = loaded.config.server

@@ -47,12 +47,14 @@ def cli() -> None:
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
+@click.option("--watch", is_flag=True, help="Reload the configuration when its file changes.")
 def serve(
     config_path: str | None,
     host: str | None,
     port: int | None,
     data_dir: str | None,
     log_level: str,
+    watch: bool,
 ) -> None:
     """Serve the API and manage the configured models."""
     from llm_manager.server import EarlySignals
@@ -87,7 +89,7 @@ def serve(
         )
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            code = runner.run(_run(loaded, server.host, server.port, log_level, early))
+            code = runner.run(_run(loaded, log_level, early, changes, watch))
     except OSError as exc:
         click.echo(f"cannot serve on {server.host}:{server.port}: {exc.strerror or exc}", err=True)
         sys.exit(1)
@@ -104,11 +106,16 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _run(
-    loaded: LoadedConfig, host: str, port: int, log_level: str, early: EarlySignals
+    loaded: LoadedConfig,
+    log_level: str,
+    early: EarlySignals,
+    overrides: dict[str, Any],
+    watch: bool,
 ) -> int:
     from llm_manager.server import serve as run_server
 
-    return await run_server(loaded, host, port, log_level, early)
+    server = loaded.config.server
+    return await run_server(loaded, server.host, server.port, log_level, early, overrides, watch)
 
 
 @cli.command("check-config")
@@ -307,6 +314,21 @@ def usage(
                 str(r["completion_tokens"] if r["completion_tokens"] is not None else "-"),
             )
         console.print(recent_table)
+
+
+@cli.command("reload")
+@url_option
+@json_option
+def reload_config(url: str | None, as_json: bool) -> None:
+    """Make the server re-read its configuration file."""
+    data = _request(url, "POST", "/api/config/reload")
+    if as_json or not data.get("success"):
+        _finish(data, as_json)
+        return
+    click.echo(data["message"])
+    for key in ("added", "removed", "changed", "restart_pending", "unchanged", "restart_needed"):
+        if data.get(key):
+            click.echo(f"  {key.replace('_', ' ')}: {', '.join(data[key])}")
 
 
 @cli.command()

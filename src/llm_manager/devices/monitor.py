@@ -30,6 +30,12 @@ class DeviceMonitor:
         self._latest: Snapshot | None = None
         self._probing: asyncio.Task[Snapshot] | None = None
 
+    def replace(self, name: str, provider: DeviceProvider | None) -> None:
+        """Swap (or add, or with None remove) the provider of that name; read afresh."""
+        kept = [p for p in self._providers if p.name != name]
+        self._providers = tuple(kept + ([provider] if provider is not None else []))
+        self._latest = None
+
     @property
     def latest(self) -> Snapshot | None:
         return self._latest

@@ -84,6 +84,7 @@ class ModelRuntime:
         self.port: int | None = spec.port
         self.pending = 0
         self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
+        self._next_spec: ModelConfig | None = None  # a changed definition, applied when idle
         self.start_count = 0
         self.crash_count = 0
         self.last_start_seconds: float | None = None
@@ -125,6 +126,40 @@ class ModelRuntime:
             and self.pending == 0
             and now - self.last_used >= timeout
         )
+
+    @property
+    def restart_due(self) -> bool:
+        """Its definition changed while it ran, and nothing uses it now."""
+        return self._next_spec is not None and self.pending == 0 and self._state is State.ROUTING
+
+    def reconfigure(self, spec: ModelConfig, settings: RuntimeSettings) -> bool:
+        """Take a reloaded definition. Timeouts apply at once; a changed definition applies
+        now if the model is stopped and unused, else when it is next idle (the supervisor
+        restarts it then). Returns whether the definition is in effect now."""
+        self.settings = settings
+        if spec == self.spec:
+            self._next_spec = None
+            return True
+        idle_stopped = self._state in (State.STOPPED, State.FAILED) and self._start_task is None
+        if idle_stopped and self.pending == 0:
+            self._apply(spec)
+            return True
+        self._next_spec = spec
+        return False
+
+    async def restart_for_config(self) -> None:
+        await self.stop("configuration changed")  # the new definition applies on stop
+
+    def _apply(self, spec: ModelConfig) -> None:
+        self.spec = spec
+        self.port = spec.port
+        self.gate = ConcurrencyGate(self.name, spec.max_concurrency, spec.max_queue)
+        self._next_spec = None
+
+    def _settle_spec(self) -> None:
+        if self._next_spec is not None and self.pending == 0:
+            self._apply(self._next_spec)
+            self.log.event("new configuration in effect")
 
     # --- requests -----------------------------------------------------------------------
 
@@ -269,6 +304,7 @@ class ModelRuntime:
             return True
         finally:
             self._stop_task = None
+            self._settle_spec()
 
     def _adopt(self, proc: ModelProcess) -> None:
         self._proc = proc
@@ -310,6 +346,7 @@ class ModelRuntime:
         self.failure_reason = reason
         self._set_state(State.FAILED)
         self.log.event(f"failed: {reason}")
+        self._settle_spec()
 
     def _set_state(self, state: State) -> None:
         self._state = state

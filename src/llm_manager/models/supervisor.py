@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from llm_manager.config import LoadedConfig
+from llm_manager.config import LoadedConfig, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable
@@ -41,6 +41,17 @@ class Preview:
     is_available: bool
 
 
+def _runtime_settings(loaded: LoadedConfig) -> RuntimeSettings:
+    server = loaded.config.server
+    return RuntimeSettings(
+        startup_timeout=server.startup_timeout,
+        stop_timeout=server.stop_timeout,
+        idle_timeout=server.idle_timeout,
+        data_dir=server.data_dir,
+        base_dir=loaded.base_dir,
+    )
+
+
 class Supervisor:
     def __init__(
         self,
@@ -51,33 +62,80 @@ class Supervisor:
     ) -> None:
         server = loaded.config.server
         self.monitor = monitor
+        self._http = http
+        self._logbook = logbook
         self._reaper = Reaper()
         self._runstate = RunState(server.data_dir)
         self._claims: dict[str, tuple[tuple[str, int], ...]] = {}
         self._placement_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
         self._closing = False
-        runtimes = []
+        settings = _runtime_settings(loaded)
+        self.registry: Registry[ModelRuntime] = Registry(
+            (name, list(spec.aliases), self._new_runtime(name, spec, settings))
+            for name, spec in loaded.config.models.items()
+        )
+
+    def _new_runtime(self, name: str, spec: ModelConfig, settings: RuntimeSettings) -> ModelRuntime:
+        # A model removed and added back by reloads keeps its log.
+        book = self._logbook
+        model_log = book.get(name) if book.has(name) else book.create(name)
+        return ModelRuntime(
+            name,
+            spec,
+            settings,
+            placer=self,
+            log=model_log,
+            http=self._http,
+            reaper=self._reaper,
+            runstate=self._runstate,
+        )
+
+    # --- reload ---------------------------------------------------------------------------
+
+    def reload(self, loaded: LoadedConfig) -> dict[str, list[str]]:
+        """Adopt a new (already validated) configuration's models.
+
+        Unchanged models keep running untouched; changed ones take their new definition
+        now if stopped, else when next idle (restarted then); removed ones leave the
+        registry at once (new requests get 404) and are stopped once idle; new ones are
+        added stopped. Returns what happened to each model.
+        """
+        settings = _runtime_settings(loaded)
+        old = dict(self.registry.items())
+        report: dict[str, list[str]] = {
+            "added": [],
+            "removed": [],
+            "changed": [],
+            "restart_pending": [],
+            "unchanged": [],
+        }
+        entries = []
         for name, spec in loaded.config.models.items():
-            settings = RuntimeSettings(
-                startup_timeout=server.startup_timeout,
-                stop_timeout=server.stop_timeout,
-                idle_timeout=server.idle_timeout,
-                data_dir=server.data_dir,
-                base_dir=loaded.base_dir,
-            )
-            runtime = ModelRuntime(
-                name,
-                spec,
-                settings,
-                placer=self,
-                log=logbook.create(name),
-                http=http,
-                reaper=self._reaper,
-                runstate=self._runstate,
-            )
-            runtimes.append((name, list(spec.aliases), runtime))
-        self.registry: Registry[ModelRuntime] = Registry(runtimes)
+            runtime = old.get(name)
+            if runtime is None:
+                runtime = self._new_runtime(name, spec, settings)
+                report["added"].append(name)
+            elif runtime.spec == spec:
+                runtime.reconfigure(spec, settings)
+                report["unchanged"].append(name)
+            elif runtime.reconfigure(spec, settings):
+                report["changed"].append(name)
+            else:
+                report["restart_pending"].append(name)
+            entries.append((name, list(spec.aliases), runtime))
+        self.registry = Registry(entries)
+        for name, runtime in old.items():
+            if name not in loaded.config.models:
+                report["removed"].append(name)
+                self._spawn(self._retire(runtime), f"retire {name}")
+        return report
+
+    async def _retire(self, runtime: ModelRuntime) -> None:
+        """Stop a model removed from the configuration once its requests have ended."""
+        while runtime.pending:
+            await asyncio.sleep(0.1)
+        await runtime.stop("removed from the configuration")
 
     # --- lifetime -----------------------------------------------------------------------
 
@@ -246,15 +304,16 @@ class Supervisor:
                         )
 
     async def _idle_loop(self) -> None:
-        timeouts = [r.idle_timeout for r in self.runtimes if r.idle_timeout > 0]
-        if not timeouts:
-            return
-        tick = min(1.0, max(0.05, min(timeouts) / 10))
         while True:
+            # Recomputed each turn: a reload can change the timeouts.
+            timeouts = [r.idle_timeout for r in self.runtimes if r.idle_timeout > 0]
+            tick = min(1.0, max(0.05, min(timeouts, default=10.0) / 10))
             await asyncio.sleep(tick)
             now = time.monotonic()
             for runtime in self.runtimes:
-                if runtime.idle_due(now):
+                if runtime.restart_due:
+                    self._spawn(runtime.restart_for_config(), f"reconfigure {runtime.name}")
+                elif runtime.idle_due(now):
                     minutes = runtime.idle_timeout / 60
                     self._spawn(runtime.stop(f"idle {minutes:g} min"), f"idle stop {runtime.name}")
 
