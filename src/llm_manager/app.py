@@ -13,7 +13,7 @@ from fastapi import FastAPI, Response
 from starlette.middleware.cors import CORSMiddleware
 
 from llm_manager import __version__, settings
-from llm_manager.api import devices, errors, logs, models, system, usage
+from llm_manager.api import devices, errors, events, logs, models, system, usage
 from llm_manager.asgi import Dispatcher
 from llm_manager.auth import KeyCheck
 from llm_manager.config import DeviceConfig, LoadedConfig
@@ -34,6 +34,7 @@ from llm_manager.reload import Reloader
 from llm_manager.store.db import Database
 from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import RequestRecord, UsageStore
+from llm_manager.web import serve as web
 
 
 class Application:
@@ -144,6 +145,9 @@ class Application:
         app.include_router(usage.router(self.supervisor, self.usage))
         app.include_router(logs.router(self.supervisor, self.logbook, say))
         app.include_router(devices.router(self.supervisor))
+        self.events_closing = asyncio.Event()  # set by begin_shutdown: ends /api/events
+        app.include_router(events.router(self.supervisor, self.events_closing))
+        web.install(app)
 
         @app.post("/api/config/reload", tags=["system"], summary="Re-read the configuration")
         async def reload_config() -> dict[str, Any]:
@@ -174,6 +178,7 @@ class Application:
         """Called as soon as a stop is asked for: end the streams that would otherwise hold
         the server's graceful shutdown open (live logs never end by themselves)."""
         self.logbook.close_subscribers()
+        self.events_closing.set()
 
     async def shutdown(self) -> None:
         self.begin_shutdown()

@@ -1,0 +1,118 @@
+"""``GET /api/events``: the dashboard's live feed, as Server-Sent Events.
+
+Polling and diffing on the server side: every ``interval`` seconds (and at once on
+connect) the models' info and the devices are read, and each is sent only when it
+changed since the last one this stream sent. Cheap: a dozen models, a cached device
+snapshot. The stream ends when the manager begins to shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from llm_manager.api.devices import model_pids, report_view
+from llm_manager.api.views import model_info, running_count
+from llm_manager.models.supervisor import Supervisor
+
+INTERVAL_SECONDS = 1.0
+KEEPALIVE_SECONDS = 15.0
+RETRY_MS = 2000
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _event(kind: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+def _without_idle(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The models' info less the idle time, which grows every second by itself."""
+    return {
+        name: {k: v for k, v in info.items() if k != "idle_time_sec"}
+        for name, info in models.items()
+    }
+
+
+def _idle_reset(previous: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> bool:
+    """True when a model's idle time went back (it served a request since)."""
+    for name, info in current.items():
+        before = previous.get(name)
+        if before is not None and info["idle_time_sec"] < before["idle_time_sec"]:
+            return True
+    return False
+
+
+async def read_state(supervisor: Supervisor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(models body, devices body): the shapes of ``/api/models/all-models/info`` (less
+    ``success``) and of ``/api/devices/info``'s ``devices``."""
+    snapshot = await supervisor.monitor.snapshot()
+    devices = snapshot.devices
+    runtimes = supervisor.runtimes
+    models = {
+        "models": {r.name: model_info(supervisor, r, devices) for r in runtimes},
+        "total_models": len(runtimes),
+        "running_models": running_count(runtimes),
+        "total_pending_requests": sum(r.pending for r in runtimes),
+    }
+    owners = model_pids(supervisor)
+    device_body = {r.provider: report_view(r, owners) for r in snapshot.reports}
+    return models, device_body
+
+
+def router(supervisor: Supervisor, closing: asyncio.Event) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["system"])
+
+    @api.get(
+        "/events",
+        summary="Live models and devices as Server-Sent Events (for the dashboard)",
+        response_class=StreamingResponse,
+    )
+    async def events(
+        interval: float = Query(
+            INTERVAL_SECONDS,
+            ge=0.2,
+            le=60,
+            allow_inf_nan=False,
+            description="Seconds between two looks at the models and devices.",
+        ),
+    ) -> StreamingResponse:
+        async def stream() -> AsyncIterator[bytes]:
+            yield f"retry: {RETRY_MS}\n\n".encode()
+            sent_models: dict[str, dict[str, Any]] | None = None
+            sent_devices: dict[str, Any] | None = None
+            last_write = time.monotonic()
+            while not closing.is_set():
+                models, devices = await read_state(supervisor)
+                current: dict[str, dict[str, Any]] = models["models"]
+                if (
+                    sent_models is None
+                    or _without_idle(current) != _without_idle(sent_models)
+                    or _idle_reset(sent_models, current)
+                ):
+                    sent_models = current
+                    last_write = time.monotonic()
+                    yield _event("models", models)
+                if devices != sent_devices:
+                    sent_devices = devices
+                    last_write = time.monotonic()
+                    yield _event("devices", {"devices": devices})
+                if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+                    last_write = time.monotonic()
+                    yield b": keep-alive\n\n"
+                try:
+                    async with asyncio.timeout(interval):
+                        await closing.wait()
+                except TimeoutError:
+                    pass
+            yield _event("end", {"reason": "manager shutting down"})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    return api
