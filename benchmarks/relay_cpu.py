@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -96,6 +97,46 @@ async def app(scope, receive, send):
 uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
             log_level="warning", access_log=False)
 """
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {tmp}/nginx-error.log;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(folder: Path, backend_port: int) -> tuple[subprocess.Popen[bytes], int] | None:
+    """nginx as a plain proxy, one process (the C floor), when nginx is installed."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if exe is None:
+        return None
+    port = free_port()
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=folder, backend=backend_port, port=port))
+    proc = subprocess.Popen([exe, "-p", str(folder), "-c", str(conf)])
+    return proc, port
 
 
 def free_port() -> int:
@@ -201,11 +242,17 @@ async def main() -> None:
             relay_py.write_text(MINIMAL_RELAY)
             relay_port = free_port()
             relay = subprocess.Popen([sys.executable, str(relay_py), backend, str(relay_port)])
-            targets = {
+            targets: dict[str, tuple[str, subprocess.Popen[bytes] | None]] = {
                 "direct": (backend + "/v1/chat/completions", None),
-                "minimal-relay": (f"http://127.0.0.1:{relay_port}/v1/chat/completions", relay),
-                "llm-manager": (url + "/v1/chat/completions", manager),
             }
+            nginx = start_nginx(folder, int(info["model"]["port"]))
+            if nginx is not None:
+                targets["nginx"] = (f"http://127.0.0.1:{nginx[1]}/v1/chat/completions", nginx[0])
+            targets["minimal-relay"] = (
+                f"http://127.0.0.1:{relay_port}/v1/chat/completions",
+                relay,
+            )
+            targets["llm-manager"] = (url + "/v1/chat/completions", manager)
             backend_pid = info["model"]["pid"]
             await asyncio.sleep(1.5)  # the minimal relay starting
             for target, _ in targets.values():  # warm-up
@@ -233,13 +280,16 @@ async def main() -> None:
                     f"{med['ttfb_ms']:>9.2f}{gw:>20}{med['backend_cpu_ms']:>20.3f}"
                 )
             if stream:
-                for name in ("minimal-relay", "llm-manager"):
+                for name in [n for n in results if n != "direct"]:
                     per_chunk = statistics.median(r["gw_cpu_ms"] for r in results[name])
                     micros = per_chunk / args.stream_chunks * 1e3
                     print(f"{name} CPU per relayed chunk: {micros:.1f} µs")
             print(f"llm-manager peak RSS: {rss_mib(manager.pid):.0f} MiB")
             relay.terminate()
             relay.wait(30)
+            if nginx is not None:
+                nginx[0].terminate()
+                nginx[0].wait(30)
         finally:
             manager.terminate()
             manager.wait(30)

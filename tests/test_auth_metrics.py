@@ -155,3 +155,26 @@ async def test_metrics_and_overhead_header(tmp_path: Path, spawn_log: Path) -> N
             await asyncio.sleep(0.05)
         async with mgr.http.get(mgr.url + "/metrics") as resp:
             assert 'llm_manager_model_crashes{model="m"} 1.0' in (await resp.text()).splitlines()
+
+
+async def test_cli_sends_the_key_from_the_environment(tmp_path: Path, spawn_log: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    loaded = make_config(tmp_path, {"m": fake(spawn_log)}, admin_keys=["root"])
+    async with running_manager(loaded) as mgr:
+        cli = [sys.executable, "-m", "llm_manager", "models", "--json", "--url", mgr.url]
+        env = {k: v for k, v in os.environ.items() if k != "LLM_MANAGER_API_KEY"}
+        without = await asyncio.to_thread(
+            subprocess.run, cli, capture_output=True, text=True, env=env
+        )
+        assert without.returncode == 1 and "missing or invalid API key" in without.stdout
+        with_key = await asyncio.to_thread(
+            subprocess.run,
+            cli,
+            capture_output=True,
+            text=True,
+            env={**env, "LLM_MANAGER_API_KEY": "root"},
+        )
+        assert with_key.returncode == 0 and '"m"' in with_key.stdout

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Response
 from starlette.middleware.cors import CORSMiddleware
 
 from llm_manager import __version__, settings
-from llm_manager.api import devices, errors, events, logs, models, system, usage
+from llm_manager.api import devices, errors, events, logs, models, openapi, system, usage
 from llm_manager.asgi import Dispatcher
 from llm_manager.auth import KeyCheck
 from llm_manager.config import DeviceConfig, LoadedConfig
@@ -138,6 +138,7 @@ class Application:
             lifespan=lifespan,
         )
         errors.install(app)
+        openapi.install(app)
         app.include_router(
             system.router(self.supervisor, created=int(time.time()), storage=self.db.status)
         )

@@ -16,15 +16,20 @@ class ClientError(Exception):
     pass
 
 
+def _auth() -> dict[str, str]:
+    """The key for a server with api_keys/admin_keys, from $LLM_MANAGER_API_KEY."""
+    key = os.environ.get("LLM_MANAGER_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def base_url(explicit: str | None) -> str:
     return (explicit or os.environ.get("LLM_MANAGER_URL") or DEFAULT_URL).rstrip("/")
 
 
 def call(url: str, method: str, path: str, timeout: float = 600) -> dict[str, Any]:
     """JSON answer of the server; error answers are returned too (they carry a message)."""
-    request = urllib.request.Request(
-        url + path, method=method, data=b"" if method == "POST" else None
-    )
+    data = b"" if method == "POST" else None
+    request = urllib.request.Request(url + path, method=method, data=data, headers=_auth())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = resp.read()
@@ -45,7 +50,9 @@ def call(url: str, method: str, path: str, timeout: float = 600) -> dict[str, An
 def stream_events(url: str, path: str) -> Iterator[dict[str, Any]]:
     """The JSON events of a Server-Sent Events stream, as they arrive."""
     try:
-        resp = urllib.request.urlopen(url + path, timeout=3600)
+        resp = urllib.request.urlopen(
+            urllib.request.Request(url + path, headers=_auth()), timeout=3600
+        )
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("message", exc.reason)

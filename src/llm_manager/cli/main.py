@@ -18,6 +18,7 @@ from rich.table import Table
 
 from llm_manager import __version__, settings
 from llm_manager.cli.client import ClientError, base_url, call, stream_events
+from llm_manager.cli.importer import import_config
 from llm_manager.cli.llama import llama_server
 from llm_manager.cli.quickstart import quickstart_model
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
@@ -412,6 +413,7 @@ def devices(url: str | None, as_json: bool) -> None:
 
 cli.add_command(llama_server)
 cli.add_command(quickstart_model)
+cli.add_command(import_config)
 
 
 def main() -> None:
