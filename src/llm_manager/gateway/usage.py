@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 _DECODER = json.JSONDecoder()
 _MARKERS = (b'"usage"', b'"timings"')
 MAX_SSE_LINE = 1 << 20  # a data line longer than this cannot be scanned; it is skipped
+# Spelled out rather than dataclasses.fields(): merging runs for every relayed answer.
+_FIELD_NAMES = ("prompt_tokens", "completion_tokens", "cache_n", "prompt_n", "predicted_n")
 
 
 @dataclass
@@ -28,15 +30,15 @@ class Usage:
 
     def merge(self, other: Usage) -> None:
         """Take every field the other one knows (later events refine earlier ones)."""
-        for f in fields(self):
-            value = getattr(other, f.name)
+        for f in _FIELD_NAMES:
+            value = getattr(other, f)
             if value is not None:
-                setattr(self, f.name, value)
+                setattr(self, f, value)
 
     def completed(self) -> Usage:
         """Fill token counts from llama.cpp's timings when no ``usage`` came (its streams
         carry ``timings`` only, unless the client asked for ``include_usage``)."""
-        out = Usage(**{f.name: getattr(self, f.name) for f in fields(self)})
+        out = Usage(**{f: getattr(self, f) for f in _FIELD_NAMES})
         if out.prompt_tokens is None and out.prompt_n is not None:
             out.prompt_tokens = out.prompt_n + (out.cache_n or 0)
         if out.completion_tokens is None and out.predicted_n is not None:
@@ -45,7 +47,7 @@ class Usage:
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        return all(getattr(self, f) is None for f in _FIELD_NAMES)
 
 
 def _int(value: object) -> int | None:
