@@ -209,3 +209,75 @@ async def test_events_stream_sends_changes_and_ends_at_shutdown(
         mgr.app.begin_shutdown()
         await asyncio.wait_for(read_until(lambda: seen[-1][0] == "end"), 5)
         assert len(states()) == count
+
+
+async def test_page_survives_a_manager_restart(tmp_path: Path, spawn_log: Path) -> None:
+    """The manager goes away and comes back on the same port (with one more model): the page
+    shows it is reconnecting, then live again with the new state, without a reload."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    playwright_api = pytest.importorskip("playwright.async_api")
+    expect = playwright_api.expect
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "llm-manager.yaml"
+    command = fake_command("--spawn-log", str(spawn_log))
+
+    def write(names: list[str]) -> None:
+        models = {n: {"schemes": {"CPU": {"command": command}}} for n in names}
+        server = {"data_dir": str(tmp_path / "data"), "port": port}
+        config.write_text(yaml.safe_dump({"server": server, "models": models}))
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llm_manager", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait_listening() -> None:
+        for _ in range(300):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("manager did not listen")
+
+    write(["first"])
+    manager = start()
+    try:
+        await wait_listening()
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            try:
+                page = await browser.new_page()
+                await page.goto(f"http://127.0.0.1:{port}/ui")
+                await expect(page.locator("#conn")).to_have_text("live", timeout=10000)
+                await expect(page.get_by_role("cell", name="first", exact=True)).to_be_visible()
+                manager.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(manager.wait, 30) == 0
+                await expect(page.locator("#conn")).not_to_have_text("live", timeout=10000)
+                write(["first", "second"])
+                manager = start()
+                await wait_listening()
+                await expect(page.locator("#conn")).to_have_text("live", timeout=20000)
+                await expect(page.get_by_role("cell", name="second", exact=True)).to_be_visible(
+                    timeout=10000
+                )
+            finally:
+                await browser.close()
+    finally:
+        if manager.poll() is None:
+            manager.terminate()
+            manager.wait(30)
