@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from llm_manager.models.gate import ConcurrencyGate, QueueFull
+from llm_manager.errors import QueueFull
+from llm_manager.models.gate import ConcurrencyGate
 
 
 async def test_unlimited_never_waits() -> None:

@@ -21,6 +21,29 @@ class BadRequest(ManagerError):
     kind = "invalid_request_error"
 
 
+class BodyTooLarge(ManagerError):
+    status = 413
+    kind = "invalid_request_error"
+
+
+class MethodNotAllowed(ManagerError):
+    status = 405
+    kind = "invalid_request_error"
+
+
+class RouteNotFound(ManagerError):
+    status = 404
+    kind = "not_found_error"
+
+
+class QueueFull(ManagerError):
+    """A model's max_concurrency is reached and its queue is full."""
+
+    status = 429
+    kind = "rate_limit_error"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
 class ModelNotFound(ManagerError):
     status = 404
     kind = "model_not_found"
@@ -62,3 +85,15 @@ class ModelStopped(ManagerError):
 
     status = 502
     kind = "model_stopped"
+
+
+class UpstreamFailed(ManagerError):
+    """The model server refused, dropped or broke the connection."""
+
+    status = 502
+    kind = "upstream_error"
+
+
+class UpstreamTimeout(ManagerError):
+    status = 504
+    kind = "timeout_error"

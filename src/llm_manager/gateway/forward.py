@@ -18,7 +18,15 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 
-from llm_manager.errors import BadRequest, ManagerError
+from llm_manager.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ManagerError,
+    MethodNotAllowed,
+    RouteNotFound,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from llm_manager.gateway import endpoints
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
 from llm_manager.models.runtime import ModelRuntime
@@ -30,8 +38,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay sets itself.
-_DROP_REQUEST = frozenset(
+# Hop-by-hop headers (RFC 9110 §7.6.1), and those the relay sets itself on each side.
+_HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -41,53 +49,13 @@ _DROP_REQUEST = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"host",
-        b"content-length",
-        b"accept-encoding",
     }
 )
-_DROP_RESPONSE = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"date",
-        b"server",
-    }
-)
+_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+_DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
 _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
 WATCH_AFTER = 0.05  # seconds before a running request starts watching for its client leaving
-
-
-class BodyTooLarge(ManagerError):
-    status = 413
-    kind = "invalid_request_error"
-
-
-class MethodNotAllowed(ManagerError):
-    status = 405
-    kind = "invalid_request_error"
-
-
-class RouteNotFound(ManagerError):
-    status = 404
-    kind = "not_found_error"
-
-
-class UpstreamFailed(ManagerError):
-    status = 502
-    kind = "upstream_error"
-
-
-class UpstreamTimeout(ManagerError):
-    status = 504
-    kind = "timeout_error"
 
 
 class _ClientGone(Exception):

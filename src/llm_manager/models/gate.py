@@ -5,13 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from llm_manager.errors import ManagerError
-
-
-class QueueFull(ManagerError):
-    status = 429
-    kind = "rate_limit_error"
-    headers = {"Retry-After": "1"}  # noqa: RUF012
+from llm_manager.errors import QueueFull
 
 
 class ConcurrencyGate:
