@@ -183,8 +183,22 @@ class SSEUsageScanner:
         else:
             self._partial += tail
         if b'"usage"' in complete or b'"timings"' in complete:
-            for line in complete.split(b"\n"):
-                self._line(line)
+            self._scan(complete)
+
+    def _scan(self, complete: bytes) -> None:
+        """Decode only the lines that hold a marker, in stream order: a burst of hundreds of
+        events then costs a few byte searches, not a Python loop over every line."""
+        spans: dict[int, int] = {}
+        for marker in _MARKERS:
+            at = complete.find(marker)
+            while at >= 0:
+                start = complete.rfind(b"\n", 0, at) + 1
+                end = complete.find(b"\n", at)
+                end = len(complete) if end < 0 else end
+                spans[start] = end
+                at = complete.find(marker, end)
+        for start in sorted(spans):
+            self._line(complete[start : spans[start]])
 
     def finish(self) -> Usage:
         if self._partial and not self._skipping:
