@@ -110,16 +110,8 @@ class Application:
         # One pool for health probes and forwarding. Its idle keep-alive (4 s) stays below
         # llama.cpp's (5 s), so the pool drops a connection before the engine does.
         # No session-wide timeout: each call sets its own.
-        http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
-            auto_decompress=False,
-        )
-        fresh = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            auto_decompress=False,
-        )
+        http = _session(aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
+        fresh = _session(aiohttp.TCPConnector(limit=0, force_close=True))  # for retries
         return cls(loaded, http, fresh, overrides, watch)
 
     def _build_management(self, say: Messages) -> FastAPI:
@@ -191,6 +183,13 @@ class Application:
             await self.http.close()
             await self.fresh.close()
             await asyncio.to_thread(self.db.close)
+
+
+def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    # Bytes are relayed as the model sent them (no decompression); no session-wide timeout.
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None), connector=connector, auto_decompress=False
+    )
 
 
 def providers(declared: list[DeviceConfig]) -> list[DeviceProvider]:

@@ -8,6 +8,7 @@ import psutil
 from fastapi import APIRouter
 
 from llm_manager.devices.base import Device, ProviderReport
+from llm_manager.devices.monitor import Snapshot
 from llm_manager.models.supervisor import Supervisor
 
 
@@ -71,16 +72,18 @@ def report_view(report: ProviderReport, owners: dict[int, str]) -> dict[str, Any
     return body
 
 
+def all_devices(supervisor: Supervisor, snapshot: Snapshot) -> dict[str, Any]:
+    """The ``devices`` body of ``/api/devices/info``: one entry per device family."""
+    owners = model_pids(supervisor)
+    return {r.provider: report_view(r, owners) for r in snapshot.reports}
+
+
 def router(supervisor: Supervisor) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["devices"])
 
     @api.get("/devices/info", summary="GPUs and CPU: memory, temperature, our processes")
     async def devices_info() -> dict[str, Any]:
         snapshot = await supervisor.monitor.snapshot()
-        owners = model_pids(supervisor)
-        return {
-            "success": True,
-            "devices": {r.provider: report_view(r, owners) for r in snapshot.reports},
-        }
+        return {"success": True, "devices": all_devices(supervisor, snapshot)}
 
     return api

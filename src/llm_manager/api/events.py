@@ -17,14 +17,13 @@ from typing import Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from llm_manager.api.devices import model_pids, report_view
-from llm_manager.api.views import model_info, running_count
+from llm_manager.api import sse
+from llm_manager.api.devices import all_devices
+from llm_manager.api.views import all_models
 from llm_manager.models.supervisor import Supervisor
 
 INTERVAL_SECONDS = 1.0
-KEEPALIVE_SECONDS = 15.0
 RETRY_MS = 2000
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _event(kind: str, body: dict[str, Any]) -> bytes:
@@ -53,17 +52,7 @@ async def read_state(supervisor: Supervisor) -> tuple[dict[str, Any], dict[str, 
     """(models body, devices body): the shapes of ``/api/models/all-models/info`` (less
     ``success``) and of ``/api/devices/info``'s ``devices``."""
     snapshot = await supervisor.monitor.snapshot()
-    devices = snapshot.devices
-    runtimes = supervisor.runtimes
-    models = {
-        "models": {r.name: model_info(supervisor, r, devices) for r in runtimes},
-        "total_models": len(runtimes),
-        "running_models": running_count(runtimes),
-        "total_pending_requests": sum(r.pending for r in runtimes),
-    }
-    owners = model_pids(supervisor)
-    device_body = {r.provider: report_view(r, owners) for r in snapshot.reports}
-    return models, device_body
+    return all_models(supervisor, snapshot.devices), all_devices(supervisor, snapshot)
 
 
 def router(supervisor: Supervisor, closing: asyncio.Event) -> APIRouter:
@@ -103,9 +92,9 @@ def router(supervisor: Supervisor, closing: asyncio.Event) -> APIRouter:
                     sent_devices = devices
                     last_write = time.monotonic()
                     yield _event("devices", {"devices": devices})
-                if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+                if time.monotonic() - last_write >= sse.KEEPALIVE_SECONDS:
                     last_write = time.monotonic()
-                    yield b": keep-alive\n\n"
+                    yield sse.KEEPALIVE
                 try:
                     async with asyncio.timeout(interval):
                         await closing.wait()
@@ -113,6 +102,6 @@ def router(supervisor: Supervisor, closing: asyncio.Event) -> APIRouter:
                     pass
             yield _event("end", {"reason": "manager shutting down"})
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return sse.response(stream())
 
     return api

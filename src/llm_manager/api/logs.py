@@ -11,13 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
+from llm_manager.api import sse
+from llm_manager.api.sse import KEEPALIVE_SECONDS
 from llm_manager.api.usage import TIME_HELP, parse_time
 from llm_manager.logs import LogBook, LogLine, Subscription
 from llm_manager.messages import Messages
 from llm_manager.models.supervisor import Supervisor
-
-KEEPALIVE_SECONDS = 15.0
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _event(kind: str, line: LogLine | None = None, **extra: Any) -> bytes:
@@ -73,7 +72,7 @@ def router(supervisor: Supervisor, logbook: LogBook, say: Messages) -> APIRouter
                     try:
                         skipped, lines = await _get(subscription)
                     except TimeoutError:
-                        yield b": keep-alive\n\n"  # proxies and browsers keep the stream open
+                        yield sse.KEEPALIVE
                         continue
                     if skipped:
                         note = LogLine(
@@ -89,7 +88,7 @@ def router(supervisor: Supervisor, logbook: LogBook, say: Messages) -> APIRouter
                 if subscription is not None:
                     model_log.unsubscribe(subscription)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return sse.response(events())
 
     @api.get("/logs/stats", summary="How many log lines are kept, per model")
     async def stats() -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from llm_manager.api.views import model_info, running_count
+from llm_manager.api.views import all_models, model_info
 from llm_manager.messages import Messages
 from llm_manager.models.runtime import State
 from llm_manager.models.supervisor import Supervisor
@@ -22,14 +22,7 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
     async def info(alias: str) -> dict[str, Any]:
         devices = (await supervisor.monitor.snapshot()).devices
         if alias == ALL_MODELS:
-            runtimes = supervisor.runtimes
-            return {
-                "success": True,
-                "models": {r.name: model_info(supervisor, r, devices) for r in runtimes},
-                "total_models": len(runtimes),
-                "running_models": running_count(runtimes),
-                "total_pending_requests": sum(r.pending for r in runtimes),
-            }
+            return {"success": True, **all_models(supervisor, devices)}
         runtime = supervisor.resolve(alias)
         return {"success": True, "model": model_info(supervisor, runtime, devices)}
 

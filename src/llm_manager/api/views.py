@@ -39,3 +39,14 @@ def model_info(
         "idle_timeout_sec": runtime.idle_timeout,
         "start_count": runtime.start_count,
     }
+
+
+def all_models(supervisor: Supervisor, devices: list[Device]) -> dict[str, Any]:
+    """The body of ``/api/models/all-models/info`` (without ``success``)."""
+    runtimes = supervisor.runtimes
+    return {
+        "models": {r.name: model_info(supervisor, r, devices) for r in runtimes},
+        "total_models": len(runtimes),
+        "running_models": running_count(runtimes),
+        "total_pending_requests": sum(r.pending for r in runtimes),
+    }

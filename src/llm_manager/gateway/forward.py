@@ -213,27 +213,25 @@ class Gateway:
     ) -> None:
         gate = runtime.gate
         own_time = time.perf_counter() - began  # reading, checking: the gateway's own work
-        try:
-            await gate.acquire()
-        except ManagerError as exc:
-            record.status, record.error = exc.status, exc.message
-            await self._error(scope, receive, send, exc)
-            return
+        admitted = False
         try:
             try:
-                base = await runtime.ensure_ready()
-                upstream = await self._open(base, scope, body)
-                answered = time.perf_counter()
+                await gate.acquire()  # 429 when the queue is full
+                admitted = True
+                base = await runtime.ensure_ready()  # 503 or 502 when it cannot start
+                upstream = await self._open(base, scope, body)  # 502 or 504
             except ManagerError as exc:
                 record.status, record.error = exc.status, exc.message
                 await self._error(scope, receive, send, exc)
                 return
+            answered = time.perf_counter()
             try:
                 await self._pipe(upstream, send, record, began, own_time, answered)
             finally:
                 upstream.release()
         finally:
-            gate.release()
+            if admitted:
+                gate.release()
 
     async def _open(self, base: str, scope: Scope, body: bytes) -> aiohttp.ClientResponse:
         url = base + scope["raw_path"].decode("latin-1")

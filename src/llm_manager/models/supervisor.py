@@ -69,7 +69,6 @@ class Supervisor:
         self._claims: dict[str, tuple[tuple[str, int], ...]] = {}
         self._placement_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
-        self._closing = False
         settings = _runtime_settings(loaded)
         self.registry: Registry[ModelRuntime] = Registry(
             (name, list(spec.aliases), self._new_runtime(name, spec, settings))
@@ -151,7 +150,6 @@ class Supervisor:
         self._spawn(self._autostart(), "auto-start")
 
     async def shutdown(self) -> None:
-        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -316,7 +314,3 @@ class Supervisor:
                 elif runtime.idle_due(now):
                     minutes = runtime.idle_timeout / 60
                     self._spawn(runtime.stop(f"idle {minutes:g} min"), f"idle stop {runtime.name}")
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
