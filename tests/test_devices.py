@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +17,7 @@ from llm_manager.devices.cpu import CpuProvider
 from llm_manager.devices.cuda import CudaProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from tests.conftest import fake_command, make_config, running_manager, wait_until
+from tests.test_server_process import launch
 
 MIB = 1024 * 1024
 
@@ -303,30 +301,12 @@ def test_cli_devices(tmp_path: Path) -> None:
             }
         )
     )
-    log = tmp_path / "log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llm_manager", "serve", "--config", str(config), "--port", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    m = launch(config, tmp_path)
     try:
-        import re
-        import time
-
-        deadline = time.monotonic() + 30
-        url = None
-        while url is None and time.monotonic() < deadline:
-            found = re.search(r"listening on (http://[\d.]+:\d+)", log.read_text())
-            url = found.group(1) if found else None
-            time.sleep(0.05)
-        assert url is not None
-        env = {**os.environ, "COLUMNS": "200"}
-        cli = [sys.executable, "-m", "llm_manager", "devices", "--url", url]
-        table = subprocess.run(cli, capture_output=True, text=True, timeout=30, env=env)
+        table = m.cli("devices")
         assert table.returncode == 0 and "Tesla T4" in table.stdout and "cpu" in table.stdout
-        data = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True).stdout)
+        data = json.loads(m.cli("devices", "--json").stdout)
         assert data["devices"]["static"]["info"]["devices"][0]["memory_total"] == 15360
     finally:
-        proc.terminate()
-        proc.wait(30)
+        m.proc.terminate()
+        m.proc.wait(30)

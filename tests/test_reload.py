@@ -135,37 +135,17 @@ def test_sighup_and_watch_reload_a_running_manager(tmp_path: Path, spawn_log: Pa
         if m.proc.poll() is None:
             m.proc.kill()
     # --watch: editing the file is enough.
-    import subprocess
-    import sys
-
-    log = tmp_path / "watch.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llm_manager",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                "0",
-                "--watch",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    watcher = launch(config, tmp_path, "--watch")
     try:
-        deadline = time.monotonic() + 30
-        while "listening on" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
         time.sleep(1.2)
         write(config, {"c": model(spawn_log)})
         deadline = time.monotonic() + 10
-        while "configuration reloaded" not in log.read_text() and time.monotonic() < deadline:
+        while (
+            "configuration reloaded" not in watcher.log.read_text() and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
-        assert "added: c" in log.read_text() and "removed: a, b" in log.read_text()
+        assert "added: c" in watcher.log.read_text() and "removed: a, b" in watcher.log.read_text()
     finally:
-        proc.terminate()
-        assert proc.wait(30) == 0
+        watcher.proc.terminate()
+        assert watcher.proc.wait(30) == 0
     assert not any(alive(p) for p in read_pids(spawn_log))

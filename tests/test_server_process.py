@@ -54,11 +54,12 @@ def write_config(tmp_path: Path, models: dict[str, Any], **server: Any) -> Path:
     return path
 
 
-def launch(config: Path, tmp_path: Path) -> Manager:
+def launch(config: Path, tmp_path: Path, *options: str) -> Manager:
+    """`llm-manager serve` on a free port; returns once it says where it listens."""
     log = tmp_path / "manager.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--config", str(config), "--port", "0"],
+            [*CLI, "serve", "--config", str(config), "--port", "0", *options],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
