@@ -10,6 +10,8 @@ import openai
 import pytest
 
 from llm_manager.auth import KeyCheck, Need, required
+from llm_manager.metrics import Metrics
+from llm_manager.store.usage import RequestRecord
 from tests.conftest import fake_command, make_config, running_manager
 
 
@@ -178,3 +180,34 @@ async def test_cli_sends_the_key_from_the_environment(tmp_path: Path, spawn_log:
             env={**env, "LLM_MANAGER_API_KEY": "root"},
         )
         assert with_key.returncode == 0 and '"m"' in with_key.stdout
+
+
+def test_histograms_count_values_on_a_bound_in_that_bucket() -> None:
+    """The request metrics are plain counters turned into families at scrape time."""
+
+    class NoModels:
+        runtimes: list[object] = []
+
+    class NoDevices:
+        latest = None
+
+    metrics = Metrics(NoModels(), NoDevices())  # type: ignore[arg-type]
+    for ms in (5.0, 7.0, 400_000.0):
+        done = RequestRecord("m", "/v1/embeddings", "POST", status=200, duration_ms=ms)
+        done.prompt_tokens = 3
+        metrics.observe(done)
+    lines = metrics.render().decode().splitlines()
+    assert (
+        'llm_manager_requests_total{endpoint="/v1/embeddings",model="m",status="200"} 3.0' in lines
+    )
+    assert 'llm_manager_tokens_total{kind="prompt",model="m"} 9.0' in lines
+    duration = "llm_manager_request_duration_seconds"
+    assert f'{duration}_bucket{{le="0.005",model="m"}} 1.0' in lines  # 5 ms is <= 0.005
+    assert f'{duration}_bucket{{le="0.01",model="m"}} 2.0' in lines  # cumulative
+    assert f'{duration}_bucket{{le="300.0",model="m"}} 2.0' in lines
+    assert f'{duration}_bucket{{le="+Inf",model="m"}} 3.0' in lines
+    assert f'{duration}_count{{model="m"}} 3.0' in lines
+    assert f'{duration}_sum{{model="m"}} 400.012' in lines
+    assert not any(
+        line.startswith("llm_manager_time_to_first_byte_seconds_count") for line in lines
+    )

@@ -368,3 +368,21 @@ async def test_model_names_with_slashes(tmp_path: Path, spawn_log: Path) -> None
         assert status == 200
         status, body = await mgr.get("/v1/models/Qwen/Qwen3-8B")
         assert status == 200 and body["id"] == "Qwen/Qwen3-8B"
+
+
+async def test_first_request_is_forwarded_soon_after_the_model_turns_healthy(
+    tmp_path: Path, spawn_log: Path
+) -> None:
+    """Readiness is probed often and at once when the model prints: no fixed 1-2 s poll."""
+    loaded = make_config(
+        tmp_path, {"m": model("--slow-start", "1.5", "--spawn-log", str(spawn_log))}
+    )
+    async with running_manager(loaded) as mgr:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with mgr.http.post(mgr.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            answered = time.time()
+        lines = [line.message for line in mgr.supervisor.resolve("m").log.lines()]
+        healthy = float(next(m for m in lines if m.startswith("healthy at ")).split()[-1])
+        # Probes run every 25 ms at most, and at once on the "healthy at" line itself.
+        assert 0 <= answered - healthy < 0.15, answered - healthy

@@ -6,7 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from llm_manager.store.db import Database
+from llm_manager.store.db import MERGE_ROWS, Database, merged
 from llm_manager.store.migrations import MIGRATIONS
 from llm_manager.store.usage import RequestRecord, UsageStore
 
@@ -93,4 +93,37 @@ def test_failed_writes_are_retried_when_the_file_recovers(tmp_path: Path) -> Non
         time.sleep(0.05)
     assert db.written == 1 and db.last_error is None
     assert store.recent()[0]["model"] == "a"
+    db.close()
+
+
+def test_merged_inserts_keep_every_row_and_the_order(tmp_path: Path) -> None:
+    """Runs of one INSERT become multi-row statements; other writes keep their place."""
+    insert = "INSERT INTO t (a, b) VALUES (?, ?)"
+    other = "INSERT INTO u (a) VALUES (?)"
+    rows = [(insert, (i, f"r{i}")) for i in range(MERGE_ROWS + 3)]
+    writes = [*rows[:2], ("DELETE FROM t WHERE a = ?", (0,)), *rows[2:], (other, (9,))]
+    statements = list(merged(writes))
+    assert [len(params) for _, params in statements] == [4, 1, 2 * MERGE_ROWS, 2, 1]
+    assert statements[2][0].count("(?, ?)") == MERGE_ROWS
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a, b)")
+    conn.execute("CREATE TABLE u (a)")
+    for sql, params in statements:
+        conn.execute(sql, params)
+    kept = conn.execute("SELECT a, b FROM t ORDER BY rowid").fetchall()
+    assert kept == [(i, f"r{i}") for i in range(1, MERGE_ROWS + 3)]
+    assert conn.execute("SELECT a FROM u").fetchall() == [(9,)]
+
+
+def test_a_thousand_records_in_one_batch_are_all_written(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    assert db.open()
+    store = UsageStore(db)
+    base = 1_700_000_000.0
+    for i in range(1000):
+        store.add(record("m", base + i, i, 1))
+    assert db.flush()
+    rows = store.recent(limit=2000)
+    assert len(rows) == 1000
+    assert sorted(r["prompt_tokens"] for r in rows) == list(range(1000))
     db.close()

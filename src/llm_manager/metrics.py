@@ -6,11 +6,14 @@ one process never share counters.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.models.runtime import State
@@ -25,56 +28,124 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 class Metrics:
     def __init__(self, supervisor: Supervisor, monitor: DeviceMonitor) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "llm_manager_requests",
-            "Forwarded requests by model, endpoint and status code.",
-            ["model", "endpoint", "status"],
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "llm_manager_tokens",
-            "Tokens by model and kind (prompt, completion), as the model server reported.",
-            ["model", "kind"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "llm_manager_request_duration_seconds",
-            "Forwarded request duration, arrival to the last byte.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.ttfb = Histogram(
-            "llm_manager_time_to_first_byte_seconds",
-            "Arrival to the first byte of the answer relayed.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.overhead = Histogram(
-            "llm_manager_gateway_overhead_seconds",
-            "Time spent in the gateway itself before the answer starts (waits excluded).",
-            buckets=_OVERHEAD_BUCKETS,
-            registry=self.registry,
-        )
+        self._requests = _RequestStats()
+        self.registry.register(self._requests)
         self.registry.register(_LiveState(supervisor, monitor))
 
     def observe(self, record: RequestRecord) -> None:
         """Called once per forwarded request, with its finished record."""
-        model = record.model
-        self.requests.labels(model, record.endpoint, str(record.status)).inc()
-        if record.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.tokens.labels(model, "completion").inc(record.completion_tokens)
-        self.duration.labels(model).observe(record.duration_ms / 1000)
-        if record.ttfb_ms is not None:
-            self.ttfb.labels(model).observe(record.ttfb_ms / 1000)
-        if record.overhead_ms is not None:
-            self.overhead.observe(record.overhead_ms / 1000)
+        self._requests.observe(record)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Histogram:
+    """Bucket counts (the last one is +Inf) and a sum: plain integers, no lock."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "<= bound"
+        self.total += value
+
+    def family_sample(self) -> tuple[list[tuple[str, float]], float]:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        labels = (*map(floatToGoString, self.bounds), "+Inf")
+        for bound, count in zip(labels, list(self.counts), strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets, self.total
+
+
+class _RequestStats(Collector):
+    """Request counters and histograms, kept as plain numbers and turned into metric
+    families only when scraped.
+
+    Why not prometheus-client's Counter and Histogram: their ``labels()`` lookups and locks
+    cost about 18 us per relayed request (five label lookups, three histogram observations),
+    a tenth of the relay's whole CPU budget. Updates happen on the event loop thread only;
+    a scrape copies each container in one C-level step, which the GIL keeps consistent.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.duration: dict[str, _Histogram] = {}
+        self.ttfb: dict[str, _Histogram] = {}
+        self.overhead = _Histogram(_OVERHEAD_BUCKETS)
+
+    def observe(self, record: RequestRecord) -> None:
+        model = record.model
+        key = (model, record.endpoint, record.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if record.prompt_tokens:
+            self._add_tokens(model, "prompt", record.prompt_tokens)
+        if record.completion_tokens:
+            self._add_tokens(model, "completion", record.completion_tokens)
+        _histogram(self.duration, model).add(record.duration_ms / 1000)
+        if record.ttfb_ms is not None:
+            _histogram(self.ttfb, model).add(record.ttfb_ms / 1000)
+        if record.overhead_ms is not None:
+            self.overhead.add(record.overhead_ms / 1000)
+
+    def _add_tokens(self, model: str, kind: str, count: int) -> None:
+        self.tokens[model, kind] = self.tokens.get((model, kind), 0) + count
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "llm_manager_requests",
+            "Forwarded requests by model, endpoint and status code.",
+            labels=["model", "endpoint", "status"],
+        )
+        for (model, endpoint, status), count in list(self.requests.items()):
+            requests.add_metric([model, endpoint, str(status)], count)
+        tokens = CounterMetricFamily(
+            "llm_manager_tokens",
+            "Tokens by model and kind (prompt, completion), as the model server reported.",
+            labels=["model", "kind"],
+        )
+        for (model, kind), count in list(self.tokens.items()):
+            tokens.add_metric([model, kind], count)
+        yield from (requests, tokens)
+        yield _histogram_family(
+            "llm_manager_request_duration_seconds",
+            "Forwarded request duration, arrival to the last byte.",
+            self.duration,
+        )
+        yield _histogram_family(
+            "llm_manager_time_to_first_byte_seconds",
+            "Arrival to the first byte of the answer relayed.",
+            self.ttfb,
+        )
+        overhead = HistogramMetricFamily(
+            "llm_manager_gateway_overhead_seconds",
+            "Time spent in the gateway itself before the answer starts (waits excluded).",
+        )
+        buckets, total = self.overhead.family_sample()
+        overhead.add_metric([], buckets, total)
+        yield overhead
+
+
+def _histogram(by_model: dict[str, _Histogram], model: str) -> _Histogram:
+    found = by_model.get(model)
+    if found is None:
+        found = by_model[model] = _Histogram(_LATENCY_BUCKETS)
+    return found
+
+
+def _histogram_family(name: str, doc: str, by_model: dict[str, _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["model"])
+    for model, histogram in list(by_model.items()):
+        buckets, total = histogram.family_sample()
+        family.add_metric([model], buckets, total)
+    return family
 
 
 class _LiveState(Collector):

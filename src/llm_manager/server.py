@@ -109,6 +109,10 @@ async def serve(
         access_log=log_level.lower() == "debug",
         loop="none",
         http="httptools",
+        # Nothing reads the client address, and "server: uvicorn" tells a client nothing:
+        # both cost a little on every request.
+        proxy_headers=False,
+        server_header=False,
         lifespan="on",
         timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
         log_config=None,

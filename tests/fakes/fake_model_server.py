@@ -249,6 +249,12 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     print(f"fake model server {args.name} listening", flush=True)
+    if args.slow_start and not args.never_healthy:
+        # Say when /health turns 200, as engines print "listening"/"model loaded" lines.
+        wait = max(0.0, args.slow_start - (time.monotonic() - started))
+        asyncio.get_running_loop().call_later(
+            wait, lambda: print(f"healthy at {time.time():.6f}", flush=True)
+        )
     if args.tick:
 
         async def tick() -> None:

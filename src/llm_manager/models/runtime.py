@@ -37,6 +37,11 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+# Readiness probing: the first probe 10 ms after the process starts, then up to every 25 ms
+# (a probe costs about 0.3 ms of CPU), and at once on output, but never closer than 5 ms.
+PROBE_FIRST = 0.01
+PROBE_MAX = 0.025
+PROBE_MIN_GAP = 0.005
 ACTIVE_STATES = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.STOPPING})
 
 
@@ -262,27 +267,47 @@ class ModelRuntime:
             self._start_task = None
 
     async def _probe(self, proc: ModelProcess) -> None:
+        """Return once the health path answers 200.
+
+        Probes come often (every PROBE_MAX at most) and at once when the model prints
+        something: engines print when they begin listening or finish loading, so the first
+        request is forwarded within milliseconds of the model being ready, not after a
+        fixed poll period.
+        """
         path = self.spec.health_path
-        delay = 0.05
-        while True:
-            if proc.returncode is not None:
-                raise StartFailed(
-                    f"model {self.name!r} exited with code {proc.returncode} during start"
-                )
-            try:
-                async with self._http.get(
-                    self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
-                ) as resp:
-                    if resp.status == 200:
-                        return
-                    if resp.status == 404 and path != "/v1/models":
-                        self.log.event(f"{path} answered 404; probing /v1/models instead")
-                        path = "/v1/models"
-                        continue
-            except (aiohttp.ClientError, TimeoutError, OSError):
-                pass  # not listening yet
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+        delay = PROBE_FIRST
+        _, output = self.log.subscribe()
+        try:
+            while True:
+                if proc.returncode is not None:
+                    raise StartFailed(
+                        f"model {self.name!r} exited with code {proc.returncode} during start"
+                    )
+                probed = time.monotonic()
+                try:
+                    async with self._http.get(
+                        self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
+                    ) as resp:
+                        if resp.status == 200:
+                            return
+                        if resp.status == 404 and path != "/v1/models":
+                            self.log.event(f"{path} answered 404; probing /v1/models instead")
+                            path = "/v1/models"
+                            continue
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    pass  # not listening yet
+                if output.closed:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(output.get(), delay)
+                # A model printing a flood of lines must not become a flood of probes.
+                gap = PROBE_MIN_GAP - (time.monotonic() - probed)
+                if gap > 0:
+                    await asyncio.sleep(gap)
+                delay = min(delay * 1.5, PROBE_MAX)
+        finally:
+            self.log.unsubscribe(output)
 
     async def _stop(self, reason: str) -> bool:
         try:

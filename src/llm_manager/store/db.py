@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 Write = tuple[str, Sequence[Any]]
 MAX_RETAINED = 100_000  # rows kept in memory while the file cannot be written
+MERGE_ROWS = 256  # rows per multi-row INSERT (x 15 columns, well under SQLite's 32,766 variables)
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -219,7 +220,7 @@ class Database:
     def _commit(self, conn: sqlite3.Connection, pending: list[Write]) -> None:
         try:
             conn.execute("BEGIN")
-            for sql, params in pending:
+            for sql, params in merged(pending):
                 conn.execute(sql, params)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -236,3 +237,29 @@ class Database:
         self.written += len(pending)
         self.last_error = None
         pending.clear()
+
+
+def merged(pending: Sequence[Write]) -> Iterator[Write]:
+    """The writes, with runs of the same ``INSERT ... VALUES (?, ...)`` merged into multi-row
+    INSERTs of up to MERGE_ROWS rows.
+
+    Why: sqlite3 releases the GIL around every statement it runs. Under load, one statement
+    per row made the writer thread and the event loop trade the GIL hundreds of times per
+    batch (measured: about 70 us of the manager's CPU per relayed request). A merged
+    statement is one release per MERGE_ROWS rows.
+    """
+    i = 0
+    while i < len(pending):
+        sql, params = pending[i]
+        at = sql.rfind(" VALUES (")
+        j = i + 1
+        if at >= 0 and sql.endswith(")"):
+            while j < len(pending) and j - i < MERGE_ROWS and pending[j][0] == sql:
+                j += 1
+        if j - i == 1:
+            yield sql, params
+        else:
+            row = sql[at + len(" VALUES ") :]
+            values = [value for _, row_params in pending[i:j] for value in row_params]
+            yield sql + ("," + row) * (j - i - 1), values
+        i = j
