@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from llm_manager.errors import ModelNotFound
@@ -155,3 +157,24 @@ def test_unicode_case_folding() -> None:
     registry = Registry([("Straße-Modell", [], 1)])
     assert registry.resolve("STRASSE-MODELL") == 1
     assert registry.resolve("strasse") == 1
+
+
+def test_a_thousand_aliases_resolve_as_a_full_scan_would() -> None:
+    """Prefix resolution uses bisect over sorted aliases; it must agree with a plain scan."""
+    rng = random.Random(7)
+    entries = [
+        (f"model-{m}", [f"{rng.choice('abcQ')}{m}-{a}-{rng.randrange(99)}" for a in range(100)], m)
+        for m in range(10)
+    ]
+    big = Registry(entries)
+    folded = {alias.casefold(): name for name, aliases, _ in entries for alias in (name, *aliases)}
+    probes = [alias[:cut] for alias in folded for cut in (1, 2, 3, len(alias))] + ["zz", "MODEL-9"]
+    for probe in probes:
+        owners = {owner for alias, owner in folded.items() if alias.startswith(probe.casefold())}
+        if probe in big.names or probe.casefold() in folded:
+            continue  # exact and case-insensitive matches come first, by design
+        if len(owners) == 1:
+            assert big.resolve_name(probe) == owners.pop()
+        else:
+            with pytest.raises(ModelNotFound):
+                big.resolve_name(probe)

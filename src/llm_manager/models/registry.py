@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -26,6 +27,9 @@ class Registry(Generic[T]):
             for alias in (name, *aliases):
                 self._exact[alias] = name
                 self._folded.setdefault(alias.casefold(), name)
+        # Sorted folded aliases: the ones a prefix starts are one contiguous run (bisect),
+        # so a prefix or an unknown name costs O(log n), not a scan of every alias.
+        self._sorted = sorted(self._folded)
 
     @property
     def names(self) -> list[str]:
@@ -47,7 +51,11 @@ class Registry(Generic[T]):
         if folded in self._folded:
             return self._folded[folded]
         if folded:
-            owners = {owner for alias, owner in self._folded.items() if alias.startswith(folded)}
+            owners: set[str] = set()
+            at = bisect_left(self._sorted, folded)
+            while at < len(self._sorted) and self._sorted[at].startswith(folded):
+                owners.add(self._folded[self._sorted[at]])
+                at += 1
             if len(owners) == 1:
                 return owners.pop()
             if len(owners) > 1:
