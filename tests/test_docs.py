@@ -163,7 +163,7 @@ async def _management_routes(tmp_path: Path) -> set[tuple[str, str]]:
         paths = app.management.openapi()["paths"]
     finally:
         await app.http.close()
-        await app.fresh.close()
+        app.upstream.close()
     return {
         (method.upper(), _shape(path))
         for path, operations in paths.items()

@@ -25,6 +25,7 @@ from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.devices.static import StaticProvider
 from llm_manager.errors import ManagerError
 from llm_manager.gateway.forward import Gateway, GatewaySettings, Receive, Scope, Send
+from llm_manager.gateway.upstream import UpstreamPool
 from llm_manager.logs import LogBook, LogSettings
 from llm_manager.messages import Messages
 from llm_manager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,7 +45,6 @@ class Application:
         self,
         loaded: LoadedConfig,
         http: aiohttp.ClientSession,
-        fresh: aiohttp.ClientSession,
         overrides: dict[str, object] | None = None,
         watch: bool = False,
     ) -> None:
@@ -52,7 +52,9 @@ class Application:
         server = config.server
         self.loaded = loaded
         self.http = http
-        self.fresh = fresh
+        # The relay's own client (forwarding only); its idle keep-alive (4 s) stays below
+        # llama.cpp's (5 s), so a connection is dropped before the engine drops it.
+        self.upstream = UpstreamPool(idle_timeout=4.0)
         self.monitor = DeviceMonitor(providers(config.devices))
         self.db = Database(server.data_dir / "llm-manager.db")
         self.usage = UsageStore(self.db)
@@ -82,8 +84,7 @@ class Application:
                 read_timeout=server.read_timeout,
                 strip_keys=bool(server.api_keys),
             ),
-            pooled=http,
-            fresh=fresh,
+            upstream=self.upstream,
             record=self._record,
             error=_gateway_error,
         )
@@ -107,12 +108,11 @@ class Application:
         overrides: dict[str, object] | None = None,
         watch: bool = False,
     ) -> Application:
-        # One pool for health probes and forwarding. Its idle keep-alive (4 s) stays below
-        # llama.cpp's (5 s), so the pool drops a connection before the engine does.
-        # No session-wide timeout: each call sets its own.
+        # For health probes. Its idle keep-alive (4 s) stays below llama.cpp's (5 s), so the
+        # pool drops a connection before the engine does. No session-wide timeout: each
+        # call sets its own.
         http = _session(aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
-        fresh = _session(aiohttp.TCPConnector(limit=0, force_close=True))  # for retries
-        return cls(loaded, http, fresh, overrides, watch)
+        return cls(loaded, http, overrides, watch)
 
     def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager
@@ -181,7 +181,7 @@ class Application:
             await self.supervisor.shutdown()
         finally:
             await self.http.close()
-            await self.fresh.close()
+            self.upstream.close()
             await asyncio.to_thread(self.db.close)
 
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import aiohttp
-
 from llm_manager.errors import (
     BadRequest,
     BodyTooLarge,
@@ -28,7 +26,17 @@ from llm_manager.errors import (
     UpstreamTimeout,
 )
 from llm_manager.gateway import endpoints
+from llm_manager.gateway.upstream import (
+    ConnectTimeout,
+    Dropped,
+    ReadTimeout,
+    Response,
+    UpstreamError,
+    UpstreamPool,
+    request_head,
+)
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
+from llm_manager.models.launch import UPSTREAM_HOST
 from llm_manager.models.runtime import ModelRuntime
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.usage import RequestRecord
@@ -51,7 +59,9 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+# Expect: the relay reads the whole body before forwarding, so no "100 Continue" is wanted.
+_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
+_IDENTITY = (b"accept-encoding", b"identity")  # relay bytes as they are, scannable for usage
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
 _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
@@ -78,28 +88,23 @@ RecordSink = Callable[[RequestRecord], None]
 
 
 class Gateway:
-    """ASGI app for ``ANY /{path}``. Stateless apart from the two client sessions."""
+    """ASGI app for ``ANY /{path}``. Stateless apart from the upstream connection pool."""
 
     def __init__(
         self,
         supervisor: Supervisor,
         settings: GatewaySettings,
         *,
-        pooled: aiohttp.ClientSession,
-        fresh: aiohttp.ClientSession,
+        upstream: UpstreamPool,
         record: RecordSink,
         error: ErrorResponder,
     ) -> None:
         self._supervisor = supervisor
         self._settings = settings
-        self._pooled = pooled
-        self._fresh = fresh  # force_close: a retry that cannot meet a stale connection
+        self._upstream = upstream
         self._record = record
         self._error = error
         self._drop = _DROP_REQUEST | _KEY_HEADERS if settings.strip_keys else _DROP_REQUEST
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -218,8 +223,8 @@ class Gateway:
             try:
                 await gate.acquire()  # 429 when the queue is full
                 admitted = True
-                base = await runtime.ensure_ready()  # 503 or 502 when it cannot start
-                upstream = await self._open(base, scope, body)  # 502 or 504
+                await runtime.ensure_ready()  # 503 or 502 when it cannot start
+                upstream = await self._open(runtime, scope, body)  # 502 or 504
             except ManagerError as exc:
                 record.status, record.error = exc.status, exc.message
                 await self._error(scope, receive, send, exc)
@@ -233,59 +238,62 @@ class Gateway:
             if admitted:
                 gate.release()
 
-    async def _open(self, base: str, scope: Scope, body: bytes) -> aiohttp.ClientResponse:
-        url = base + scope["raw_path"].decode("latin-1")
+    async def _open(self, runtime: ModelRuntime, scope: Scope, body: bytes) -> Response:
+        port = runtime.port
+        if port is None:  # stopped between becoming ready and here
+            raise UpstreamFailed(f"model {runtime.name!r} is not running")
+        target: bytes = scope["raw_path"]
         if scope["query_string"]:
-            url += "?" + scope["query_string"].decode("latin-1")
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in self._drop
-        ]
-        headers.append(("Accept-Encoding", "identity"))  # relay bytes as they are
+            target += b"?" + scope["query_string"]
+        drop = self._drop
+        headers = [item for item in scope["headers"] if item[0] not in drop]
+        headers.append(_IDENTITY)
         method: str = scope["method"]
+        host = UPSTREAM_HOST
+        head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
+        settings = self._settings
         try:
             try:
-                return await self._request(self._pooled, method, url, headers, body)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                return await self._upstream.request(
+                    host,
+                    port,
+                    head,
+                    body,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                    head_only=method == "HEAD",
+                )
+            except Dropped as exc:
+                if not exc.reused:
+                    raise
                 # The engine closed a pooled keep-alive connection (llama.cpp does, after its
                 # keep-alive timeout and after some streams). Nothing reached the client yet:
                 # try once more on a connection that is certainly new.
-                return await self._request(self._fresh, method, url, headers, body)
-        except aiohttp.ConnectionTimeoutError:
+                return await self._upstream.request(
+                    host,
+                    port,
+                    head,
+                    body,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                    head_only=method == "HEAD",
+                    fresh=True,
+                )
+        except ConnectTimeout:
             raise UpstreamFailed(
                 f"cannot connect to the model server within "
-                f"{self._settings.connect_timeout:g} s (connect_timeout)"
+                f"{settings.connect_timeout:g} s (connect_timeout)"
             ) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except ReadTimeout:
             raise UpstreamTimeout(
-                f"the model server sent nothing for {self._settings.read_timeout:g} s "
-                "(read_timeout)"
+                f"the model server sent nothing for {settings.read_timeout:g} s (read_timeout)"
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise UpstreamFailed(f"the model server failed: {exc}") from None
-
-    async def _request(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-    ) -> aiohttp.ClientResponse:
-        return await session.request(
-            method,
-            url,
-            headers=headers,
-            data=body or None,  # no body: no Content-Length/Content-Type made up for it
-            timeout=self._timeout,
-            allow_redirects=False,
-            auto_decompress=False,
-        )
 
     async def _pipe(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         send: Send,
         record: RequestRecord,
         began: float,
@@ -293,12 +301,12 @@ class Gateway:
         answered: float,
     ) -> None:
         record.status = upstream.status
-        content_type = upstream.headers.get("Content-Type", "")
-        sse = content_type.startswith("text/event-stream")
-        scan_json = "json" in content_type
+        content_type = upstream.header(b"content-type") or b""
+        sse = content_type.startswith(b"text/event-stream")
+        scan_json = b"json" in content_type
         record.stream = sse
         headers = []
-        for name, value in upstream.raw_headers:
+        for name, value in upstream.headers:
             name = name.lower()
             if name not in _DROP_RESPONSE:
                 headers.append((name, value))
@@ -312,10 +320,9 @@ class Gateway:
         scanner = SSEUsageScanner() if sse else None
         kept: list[bytes] = []
         kept_size = 0
-        content = upstream.content
         try:
             while True:
-                chunk = await content.readany()
+                chunk = await upstream.read()
                 if not chunk:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     break
@@ -323,7 +330,7 @@ class Gateway:
                     record.ttfb_ms = (time.perf_counter() - began) * 1000
                 # The chunk that completes the answer also ends it: one ASGI send (and one
                 # write) fewer per request than a separate empty last message.
-                last = content.at_eof()
+                last = upstream.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if scanner is not None:
                     scanner.feed(chunk)
@@ -332,7 +339,7 @@ class Gateway:
                     kept_size += len(chunk)
                 if last:
                     break
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             # Headers are out: the status cannot change. An event stream gets an error
             # event (OpenAI clients raise it); other bodies are cut short.
             record.status = 502
