@@ -1,0 +1,410 @@
+"""Markdown tables and the goals check, from the results that run.py collects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Row = list[str]
+MB_PER_MIB = 1.048576
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if round(value, digits) == 0:
+        value = 0.0  # not "-0.0"
+    return f"{value:.{digits}f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """Ratios from 0.0001 to 10,000 with about three significant digits."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def table(head: Row, rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def med(results: dict[str, Any], scenario: str, target: str, key: str) -> float | None:
+    value = results["scenarios"].get(scenario, {}).get("median", {}).get(target, {}).get(key)
+    return value if isinstance(value, int | float) else None
+
+
+# --------------------------------------------------------------------------- header
+
+
+def header(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        f"## Results ({m['date']}, {m['nproc']}-core {m['cpu']})",
+        "",
+        f"- machine: nproc {m['nproc']}, {m['cpu']}, Linux {m['kernel']}, "
+        f"load average at start {m['loadavg_at_start']}",
+        f"- Python {m['python']}, llm-manager {m['llm_manager']} (git {m['git']}), "
+        f"aiohttp {m['aiohttp']}, xllamacpp {m['xllamacpp'] or 'not installed'}",
+        f"- nginx: {m['nginx'] or 'not installed'}; wrk: {m['wrk'] or 'not installed'}; "
+        f"LiteLLM: {m['litellm'] or 'not found'}",
+        f"- load generator: {results['load_generator']} for non-streamed runs on the fast "
+        "backend; an aiohttp client, reading every answer to its end, for streams and "
+        "llama.cpp",
+        f"- {s['rounds']} round(s), every target once per round in turn; medians. Runs of "
+        f"{s['seconds']:g} s (fast backends) and {s['llama_seconds']:g} s (llama.cpp)"
+        + (" (--quick)" if s["quick"] else ""),
+        f"- targets: {', '.join(results['targets'])}; total wall time "
+        f"{results['wall_seconds']:.0f} s",
+    ]
+    lines += [f"- note: {n}" for n in results["notes"]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- scenario tables
+
+
+def _vs(results: dict[str, Any], key: str, target: str, figure: str) -> list[str]:
+    """``figure`` of ``target`` as a ratio to direct, nginx and LiteLLM in the same scenario."""
+    value = med(results, key, target, figure)
+    others = ("direct", "nginx", "litellm")
+    return [fmt_ratio(ratio(value, med(results, key, other, figure))) for other in others]
+
+
+def _cpu_vs(results: dict[str, Any], key: str, target: str, figure: str) -> list[str]:
+    value = med(results, key, target, figure)
+    others = ("nginx", "litellm")
+    return [fmt_ratio(ratio(value, med(results, key, other, figure))) for other in others]
+
+
+def json_table(results: dict[str, Any], keys: list[str]) -> str:
+    head = ["clients", "target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"]
+    head += ["req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU ÷ nginx", "CPU ÷ LiteLLM", "non-200"]
+    rows = []
+    for key in keys:
+        scenario = results["scenarios"].get(key)
+        if scenario is None:
+            continue
+        for target, m in scenario["median"].items():
+            rows.append(
+                [
+                    str(scenario["clients"]),
+                    target,
+                    fmt(m.get("rps"), 0),
+                    fmt(m.get("p50_ms")),
+                    fmt(m.get("p99_ms")),
+                    fmt(m.get("gateway_cpu_ms_per_request"), 3),
+                    *_vs(results, key, target, "rps"),
+                    *_cpu_vs(results, key, target, "gateway_cpu_ms_per_request"),
+                    _bad(m),
+                ]
+            )
+    return table(head, rows)
+
+
+def stream_table(results: dict[str, Any], keys: list[str]) -> str:
+    head = ["clients", "target", "req/s", "TTFB p50 ms", "events/answer", "CPU ms/req"]
+    head += ["CPU µs/event", "req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU/event ÷ nginx"]
+    head += ["CPU/event ÷ LiteLLM", "non-200 (resent)"]
+    rows = []
+    for key in keys:
+        scenario = results["scenarios"].get(key)
+        if scenario is None:
+            continue
+        for target, m in scenario["median"].items():
+            rows.append(
+                [
+                    str(scenario["clients"]),
+                    target,
+                    fmt(m.get("rps"), 0),
+                    fmt(m.get("ttfb_p50_ms")),
+                    fmt(m.get("events_per_answer"), 0),
+                    fmt(m.get("gateway_cpu_ms_per_request"), 3),
+                    fmt(m.get("gateway_cpu_us_per_event"), 1),
+                    *_vs(results, key, target, "rps"),
+                    *_cpu_vs(results, key, target, "gateway_cpu_us_per_event"),
+                    _bad(m),
+                ]
+            )
+    return table(head, rows)
+
+
+def _bad(m: dict[str, Any]) -> str:
+    if "non_200" not in m:
+        return "run failed" if m.get("failed_runs") else "-"
+    text = str(m["non_200"] + m["errors"])
+    if m.get("retries"):
+        text += f" ({m['retries']} resent)"
+    if m.get("failed_runs"):
+        text += f" ({m['failed_runs']} runs failed)"
+    return text
+
+
+def latency_table(results: dict[str, Any]) -> str:
+    scenario = results["scenarios"].get("json-c1")
+    if scenario is None:
+        return "(not run)"
+    direct = med(results, "json-c1", "direct", "p50_ms")
+    rows = []
+    for target, m in scenario["median"].items():
+        p50 = m.get("p50_ms")
+        added = p50 - direct if p50 is not None and direct is not None else None
+        rows.append(
+            [target, fmt(p50, 3), fmt(added, 3), *_vs(results, "json-c1", target, "p50_ms")]
+        )
+    head = ["target", "p50 ms", "added over direct ms", "p50 ÷ direct", "÷ nginx", "÷ LiteLLM"]
+    return table(head, rows)
+
+
+def _rel(m: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    return fmt_ratio(ratio(m.get(key), base.get(key)))
+
+
+def alias_table(results: dict[str, Any]) -> str:
+    aliases = results.get("aliases")
+    if aliases is None:
+        return "(not run)"
+    first = next(iter(aliases["median"].values()))
+    rows = []
+    for name, m in aliases["median"].items():
+        rows.append(
+            [
+                f"`{name}` ({aliases['called_by'][name]})",
+                fmt(m.get("rps"), 0),
+                fmt(m.get("p50_ms"), 3),
+                fmt(m.get("p99_ms"), 3),
+                fmt(m.get("gateway_cpu_ms_per_request"), 3),
+                _rel(m, first, "p50_ms"),
+                _rel(m, first, "gateway_cpu_ms_per_request"),
+                _bad(m),
+            ]
+        )
+    head = ["model called by", "req/s", "p50 ms", "p99 ms", "CPU ms/req"]
+    head += ["p50 ÷ first row", "CPU ÷ first row", "non-200"]
+    return table(head, rows)
+
+
+def rss_table(results: dict[str, Any]) -> str:
+    rows = [
+        [p["point"], str(p["requests"]), fmt(p.get("VmRSS"), 1), fmt(p.get("VmHWM"), 1)]
+        for p in results["rss"]
+    ]
+    return table(["point", "requests served so far", "VmRSS MiB", "VmHWM MiB"], rows)
+
+
+def bad_input_tables(results: dict[str, Any]) -> str:
+    bad = results.get("bad_input")
+    if bad is None:
+        return "(not run)"
+    kinds = [
+        [
+            kind,
+            str(sum(seen.values())),
+            ", ".join(f"{c}: {n}" for c, n in sorted(seen.items())),
+            "yes" if all(_is_4xx(c) for c in seen) else "**no**",
+        ]
+        for kind, seen in bad["malformed_statuses"].items()
+    ]
+    base = bad["median"].get("without burst", {})
+    runs = []
+    for name, m in bad["median"].items():
+        runs.append(
+            [
+                name,
+                fmt(m.get("rps"), 0),
+                fmt(m.get("p50_ms"), 3),
+                fmt(m.get("p99_ms"), 3),
+                fmt(m.get("gateway_cpu_ms_per_request"), 3),
+                _rel(m, base, "p50_ms"),
+                _rel(m, base, "gateway_cpu_ms_per_request"),
+                _bad(m),
+            ]
+        )
+    head = ["well-formed load, 8 clients", "req/s", "p50 ms", "p99 ms"]
+    head += ["CPU ms per well-formed req", "p50 ÷ without", "CPU ÷ without", "non-200"]
+    kinds_head = ["malformed request", "sent", "statuses", "all 4xx"]
+    return table(kinds_head, kinds) + "\n\n" + table(head, runs)
+
+
+def _is_4xx(code: str) -> bool:
+    return code.isdigit() and 400 <= int(code) < 500
+
+
+COLD_ROWS = [
+    ("engine_start_to_healthy_ms", "engine start → healthy, standalone (A)"),
+    ("manager_cold_ttfb_ms", "first byte through LLM-Manager, model stopped (B)"),
+    ("cold_minus_engine_ms", "B − A, paired per repetition"),
+    ("engine_healthy_ms", "engine healthy, counted from the request (5 ms polls)"),
+    ("first_byte_after_healthy_ms", "first byte after the engine turned healthy"),
+    ("forwarded_after_healthy_ms", "request forwarded after healthy (above − warm TTFB; ±5 ms)"),
+    ("ready_after_healthy_ms", "manager's 'ready' log event after healthy"),
+    ("spawn_after_request_ms", "engine spawned after the request (log event)"),
+]
+
+
+def cold_table(results: dict[str, Any]) -> str:
+    cold = results.get("cold_start")
+    if cold is None:
+        return "(not run)"
+    warm = ["warm TTFB through LLM-Manager (subtracted below)", fmt(cold["warm_ttfb_ms"], 1), "-"]
+    rows = [warm]
+    for key, label in COLD_ROWS:
+        values = [r[key] for r in cold["reps"] if r.get(key) is not None]
+        spread = ", ".join(fmt(v, 0) for v in values)
+        rows.append([label, fmt(cold["median"].get(key), 1), spread])
+    return table(["figure (ms)", "median", "each repetition"], rows)
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def _worst(values: list[float | None], pick: Callable[[list[float]], float]) -> float | None:
+    known = [v for v in values if v is not None]
+    return pick(known) if known and len(known) == len(values) else None
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's goals, each with the measured value; ``met`` is None when not measured."""
+    r = results
+
+    def g(scenario: str, target: str, key: str) -> float | None:
+        return med(r, scenario, target, key)
+
+    cpu8 = g("json-c8", "llm-manager", "gateway_cpu_ms_per_request")
+    llama_ev = [g(f"llama-stream-c{c}", "llm-manager", "gateway_cpu_us_per_event") for c in (1, 16)]
+    llama_nginx = [
+        ratio(v, g(f"llama-stream-c{c}", "nginx", "gateway_cpu_us_per_event"))
+        for v, c in zip(llama_ev, (1, 16), strict=True)
+    ]
+    burst = [g(f"sse-c{c}", "llm-manager", "gateway_cpu_us_per_event") for c in (1, 16)]
+    p50, direct = g("json-c1", "llm-manager", "p50_ms"), g("json-c1", "direct", "p50_ms")
+    cold = r.get("cold_start", {}).get("median", {}).get("forwarded_after_healthy_ms")
+    rss = {p["point"].split()[0]: p for p in r["rss"]}
+    peak = rss["end"]["VmHWM"] * MB_PER_MIB if "end" in rss else None
+    growth = (
+        ratio(rss["end"]["VmRSS"], rss["middle"]["VmRSS"])
+        if {"end", "middle"} <= set(rss)
+        else None
+    )
+    rows = [
+        ("gateway CPU per non-streamed request, 8 clients", "≤ 0.15 ms", cpu8, "ms", 3),
+        ("  … as a multiple of nginx's", "≤ 6x",
+         ratio(cpu8, g("json-c8", "nginx", "gateway_cpu_ms_per_request")), "x", 2),
+        ("  … LiteLLM's CPU per request ÷ LLM-Manager's", "≥ 40x",
+         ratio(g("json-c8", "litellm", "gateway_cpu_ms_per_request"), cpu8), "x", 1),
+        ("CPU per relayed SSE event, llama.cpp token by token (worst of 1 and 16 clients)",
+         "≤ 25 µs", _worst(llama_ev, max), "µs", 1),
+        ("  … as a multiple of nginx's (worst of 1 and 16 clients)", "≤ 1.8x",
+         _worst(llama_nginx, max), "x", 2),
+        ("CPU per chunk on the SSE burst (worst of 1 and 16 clients)", "≤ 6 µs",
+         _worst(burst, max), "µs", 1),
+        ("added p50 latency at 1 client over direct, non-streamed", "≤ 0.25 ms",
+         p50 - direct if p50 is not None and direct is not None else None, "ms", 3),
+        ("llama.cpp non-streamed at 8 clients: throughput ÷ direct", "≥ 0.9x",
+         ratio(g("llama-json-c8", "llm-manager", "rps"), g("llama-json-c8", "direct", "rps")),
+         "x", 2),
+        ("cold start: first request forwarded after the engine turned healthy", "≤ 50 ms",
+         cold, "ms", 0),
+        ("peak RSS (VmHWM) with 10 models and 1,000 aliases configured", "≤ 100 MB", peak,
+         "MB", 1),
+        ("RSS flat across the run: end ÷ middle", "≤ 1.05x", growth, "x", 3),
+    ]  # fmt: skip
+    limits = {"≤": "max", "≥": "min"}
+    out = []
+    for goal, limit, value, unit, digits in rows:
+        bound = float(limit.split()[1].rstrip("x").replace(",", ""))
+        kind = limits[limit[0]]
+        met = None if value is None else (value <= bound if kind == "max" else value >= bound)
+        shown = "not measured" if value is None else f"{fmt(value, digits)} {unit}"
+        out.append({"goal": goal, "limit": limit, "value": value, "measured": shown, "met": met})
+    return out
+
+
+def goals_table(results: dict[str, Any]) -> str:
+    verdict = {True: "met", False: "**not met**", None: "not measured"}
+    rows = [[g["goal"], g["limit"], g["measured"], verdict[g["met"]]] for g in results["goals"]]
+    return table(["goal (issue 7)", "target", "measured", "result"], rows)
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+ABOUT = {
+    "json": "Each run: the load generator's connections send the same small chat request "
+    "back to back; the fixed answer carries usage. Gateway CPU is utime + stime of the "
+    "gateway's process per completed request (LLM-Manager: its own PID, not its model "
+    "servers; LiteLLM: its process tree). Ratios compare medians of the same run.",
+    "sse": "Each answer: 200 chat-completion chunks, a usage event and `[DONE]`, written at "
+    "once by the backend. CPU µs/event: the gateway's CPU per answer ÷ the SSE events the "
+    "client received (a gateway that re-chunks the stream shows fewer events per answer).",
+    "llama": "`llm-manager llama-server` (llama.cpp from xllamacpp) serving a random-weight "
+    "2-layer GGUF (tests/models/gguf_factory.py) with `-t 1 -c 4096 -np 16`; temperature 0. "
+    "Events are counted per answer by the client. llama.cpp closes the connection after a "
+    "streamed answer: a request that meets such a closed kept-alive connection is sent again "
+    "(resent; the gateways do the same on their own, nginx with `proxy_next_upstream "
+    "non_idempotent`).",
+    "cold": "A: `llm-manager llama-server` started alone, `/health` polled every 5 ms. B: the "
+    "model stopped through the API, then one streamed request through LLM-Manager, timed to "
+    "its first byte, while the engine's `/health` is polled every 5 ms. Repetitions "
+    "alternate A and B.",
+    "aliases": "LLM-Manager is configured with 10 models of 100 aliases each (1,000 aliases) "
+    "throughout the whole run. The same request names the model in four ways.",
+    "rss": "VmRSS and VmHWM (peak) of LLM-Manager's process, from /proc/<pid>/status.",
+    "bad": "Well-formed requests from 8 connections; in the second variant malformed ones "
+    "(one connection each, 4 at a time) are sent meanwhile. Figures are medians over rounds; "
+    "CPU is counted per well-formed request.",
+}
+
+
+def section(title: str, about: str | None, body: str) -> str:
+    return f"### {title}\n\n" + (f"{about}\n\n" if about else "") + body
+
+
+def markdown(results: dict[str, Any]) -> str:
+    llama = results["settings"]["max_tokens"]
+    sections = [
+        header(results),
+        section(
+            "Non-streamed chat completion, fast fixed-JSON backend",
+            ABOUT["json"],
+            json_table(results, ["json-c1", "json-c8", "json-c64"]),
+        ),
+        section(
+            "Added latency at 1 client (non-streamed, fast backend)", None, latency_table(results)
+        ),
+        section(
+            "Streamed, fast SSE burst",
+            ABOUT["sse"],
+            stream_table(results, ["sse-c1", "sse-c16"]),
+        ),
+        section(
+            f"Streamed, real llama.cpp, token by token (max_tokens {llama})",
+            ABOUT["llama"],
+            stream_table(results, ["llama-stream-c1", "llama-stream-c16"]),
+        ),
+        section(
+            f"Non-streamed, real llama.cpp, 8 clients (max_tokens {llama})",
+            None,
+            json_table(results, ["llama-json-c8"]),
+        ),
+        section("Cold start (llama.cpp engine)", ABOUT["cold"], cold_table(results)),
+        section(
+            "10 models, 1,000 aliases: the model named by name or alias (1 client)",
+            ABOUT["aliases"],
+            alias_table(results),
+        ),
+        section("LLM-Manager's memory across the run", ABOUT["rss"], rss_table(results)),
+        section(
+            "Malformed requests under load (LLM-Manager)", ABOUT["bad"], bad_input_tables(results)
+        ),
+        section("Goals (issue 7)", None, goals_table(results)),
+    ]
+    return "\n\n".join(sections) + "\n"

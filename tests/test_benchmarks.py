@@ -1,0 +1,181 @@
+"""Smoke test of the benchmark harness: ``benchmarks/run.py --quick`` in a subprocess, checked
+through the JSON it writes.
+
+LiteLLM is left out (``--litellm none``): it alone takes 15-20 s to start. nginx and wrk are
+used when installed; a second, shorter run forces the fallbacks (aiohttp.web backends, the
+aiohttp load generator) so that they are covered on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "benchmarks" / "run.py"
+LLAMA = all(importlib.util.find_spec(m) is not None for m in ("xllamacpp", "gguf"))
+GOALS = 11
+
+
+def run_harness(out: Path, *options: str, timeout: float) -> dict[str, Any]:
+    """Run the harness; on a timeout stop it with SIGTERM so that it tears down its targets."""
+    argv = [sys.executable, str(HARNESS), "--quick", "--litellm", "none", "--json", str(out)]
+    proc = subprocess.Popen(
+        [*argv, *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=25)
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the quick benchmark ran past {timeout} s")
+    assert proc.returncode == 0, stderr[-4000:]
+    results: dict[str, Any] = json.loads(out.read_text())
+    results["_markdown"] = stdout
+    return results
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_harness(tmp_path_factory.mktemp("bench") / "quick.json", timeout=90)
+
+
+def all_runs(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scenario, target or variant, run) for every timed run."""
+    out = []
+    for key, scenario in results["scenarios"].items():
+        for target, runs in scenario["runs"].items():
+            out += [(key, target, r) for r in runs]
+    for key in ("aliases", "bad_input"):
+        for name, runs in results.get(key, {}).get("runs", {}).items():
+            out += [(key, f"llm-manager ({name})", r) for r in runs]
+    return out
+
+
+def check_scenarios(results: dict[str, Any], expected: set[str]) -> None:
+    assert set(results["scenarios"]) == expected
+    for key, scenario in results["scenarios"].items():
+        assert set(scenario["median"]) == set(results["targets"]), key
+        for target, m in scenario["median"].items():
+            assert m["failed_runs"] == 0, (key, target)
+            assert m["rps"] > 0, (key, target)
+            assert m["p50_ms"] > 0, (key, target)
+            if target != "direct":
+                assert m["gateway_cpu_ms_per_request"] > 0, (key, target)
+            if key.startswith(("sse", "llama-stream")):
+                assert m["events_per_answer"] >= 3, (key, target)
+                if target != "direct":
+                    assert m["gateway_cpu_us_per_event"] > 0, (key, target)
+
+
+def check_manager_answers(results: dict[str, Any]) -> None:
+    """Every well-formed request through LLM-Manager got a 200 and nothing failed."""
+    runs = [(k, t, r) for k, t, r in all_runs(results) if t.startswith("llm-manager")]
+    assert runs
+    for key, target, r in runs:
+        assert "error" not in r, (key, target, r)
+        assert set(r["statuses"]) == {"200"}, (key, target, r["statuses"])
+        assert r["errors"] == 0 and r["retries"] == 0, (key, target, r)
+
+
+def check_malformed(results: dict[str, Any]) -> None:
+    seen = results["bad_input"]["malformed_statuses"]
+    assert len(seen) == 7
+    for kind, statuses in seen.items():
+        assert sum(statuses.values()) > 0, kind
+        assert all(400 <= int(code) < 500 for code in statuses), (kind, statuses)
+
+
+def check_no_leftovers(results: dict[str, Any]) -> None:
+    workdir = results["workdir"]
+    assert not Path(workdir).exists()
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(workdir in part for part in proc.info["cmdline"] or []):
+                left.append(proc.info)
+    assert not left, left
+
+
+def test_quick_run_measures_every_present_target(quick: dict[str, Any]) -> None:
+    expected = {"json-c1", "json-c8", "json-c64", "sse-c1", "sse-c16"}
+    if LLAMA:
+        expected |= {"llama-stream-c1", "llama-stream-c16", "llama-json-c8"}
+    assert {"direct", "minimal-relay", "llm-manager"} <= set(quick["targets"])
+    assert "litellm" not in quick["targets"]
+    check_scenarios(quick, expected)
+    for scenario in ("json-c8", "sse-c16"):
+        direct = quick["scenarios"][scenario]["median"]["direct"]
+        assert "gateway_cpu_ms_per_request" not in direct  # no gateway: no gateway CPU
+
+
+def test_llm_manager_answers_200_and_malformed_requests_get_4xx(quick: dict[str, Any]) -> None:
+    check_manager_answers(quick)
+    check_malformed(quick)
+    for variant in ("without burst", "with malformed burst"):
+        assert quick["bad_input"]["median"][variant]["gateway_cpu_ms_per_request"] > 0
+
+
+def test_aliases_memory_and_cold_start(quick: dict[str, Any]) -> None:
+    aliases = quick["aliases"]["median"]
+    assert list(aliases) == ["fast", "fast-a000", "tail-a099", "tail"]
+    assert all(m["rps"] > 0 and m["gateway_cpu_ms_per_request"] > 0 for m in aliases.values())
+    points = quick["rss"]
+    assert [p["point"].split()[0] for p in points] == ["start", "middle", "end"]
+    assert all(p["VmRSS"] > 0 and p["VmHWM"] >= p["VmRSS"] for p in points)
+    assert points[0]["requests"] == 0
+    assert points[-1]["requests"] > points[1]["requests"] > 0
+    if LLAMA:
+        cold = quick["cold_start"]["median"]
+        assert cold["engine_start_to_healthy_ms"] > 0
+        assert cold["manager_cold_ttfb_ms"] > 0
+        assert cold["engine_healthy_ms"] > 0
+
+
+def test_goals_are_measured_not_assumed(quick: dict[str, Any]) -> None:
+    goals = quick["goals"]
+    assert len(goals) == GOALS
+    for goal in goals:
+        if goal["value"] is None:
+            assert goal["met"] is None and goal["measured"] == "not measured"
+        else:
+            assert isinstance(goal["met"], bool)
+            assert isinstance(goal["value"], int | float)
+            assert goal["measured"].split()[0].lstrip("-").replace(".", "").isdigit()
+    measured = {g["goal"] for g in goals if g["value"] is not None}
+    assert any("8 clients" in g for g in measured)
+    if "nginx" not in quick["targets"]:
+        assert all(g["value"] is None for g in goals if "nginx" in g["goal"])
+    markdown = quick["_markdown"]
+    assert "## Results" in markdown and "### Goals" in markdown
+    assert "| llm-manager |" in markdown
+
+
+def test_no_process_or_folder_left_behind(quick: dict[str, Any]) -> None:
+    check_no_leftovers(quick)
+
+
+def test_fallbacks_without_nginx_and_wrk(tmp_path: Path) -> None:
+    results = run_harness(
+        tmp_path / "fallback.json",
+        *("--only", "json,bad-input", "--nginx", "none", "--wrk", "none"),
+        timeout=60,
+    )
+    assert results["load_generator"] == "aiohttp"
+    assert results["targets"] == ["direct", "minimal-relay", "llm-manager"]
+    check_scenarios(results, {"json-c1", "json-c8", "json-c64"})
+    check_manager_answers(results)
+    check_malformed(results)
+    check_no_leftovers(results)
