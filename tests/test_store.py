@@ -6,7 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from llm_manager.store.db import MERGE_ROWS, Database, merged
+from llm_manager.store.db import MERGE_ROWS, MERGE_SIZES, Database, merged
 from llm_manager.store.migrations import MIGRATIONS
 from llm_manager.store.usage import RequestRecord, UsageStore
 
@@ -103,8 +103,8 @@ def test_merged_inserts_keep_every_row_and_the_order(tmp_path: Path) -> None:
     rows = [(insert, (i, f"r{i}")) for i in range(MERGE_ROWS + 3)]
     writes = [*rows[:2], ("DELETE FROM t WHERE a = ?", (0,)), *rows[2:], (other, (9,))]
     statements = list(merged(writes))
-    assert [len(params) for _, params in statements] == [4, 1, 2 * MERGE_ROWS, 2, 1]
-    assert statements[2][0].count("(?, ?)") == MERGE_ROWS
+    assert [len(params) for _, params in statements] == [2, 2, 1, 2 * MERGE_ROWS, 2, 1]
+    assert statements[3][0].count("(?, ?)") == MERGE_ROWS
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (a, b)")
     conn.execute("CREATE TABLE u (a)")
@@ -113,6 +113,15 @@ def test_merged_inserts_keep_every_row_and_the_order(tmp_path: Path) -> None:
     kept = conn.execute("SELECT a, b FROM t ORDER BY rowid").fetchall()
     assert kept == [(i, f"r{i}") for i in range(1, MERGE_ROWS + 3)]
     assert conn.execute("SELECT a FROM u").fetchall() == [(9,)]
+
+
+def test_merged_inserts_use_few_distinct_statements() -> None:
+    """Each distinct statement text is cached by sqlite3: batch sizes must not each make one."""
+    insert = "INSERT INTO t (a) VALUES (?)"
+    texts = set()
+    for size in range(1, 700):
+        texts |= {sql for sql, _ in merged([(insert, (n,)) for n in range(size)])}
+    assert len(texts) == len(MERGE_SIZES)
 
 
 def test_a_thousand_records_in_one_batch_are_all_written(tmp_path: Path) -> None:
