@@ -216,6 +216,8 @@ def bad_input_tables(results: dict[str, Any]) -> str:
     base = bad["median"].get("without burst", {})
     runs = []
     for name, m in bad["median"].items():
+        if name == "malformed burst alone":
+            continue
         runs.append(
             [
                 name,
@@ -231,7 +233,26 @@ def bad_input_tables(results: dict[str, Any]) -> str:
     head = ["well-formed load, 8 clients", "req/s", "p50 ms", "p99 ms"]
     head += ["CPU ms per well-formed req", "p50 ÷ without", "CPU ÷ without", "non-200"]
     kinds_head = ["malformed request", "sent", "statuses", "all 4xx"]
-    return table(kinds_head, kinds) + "\n\n" + table(head, runs)
+    return table(kinds_head, kinds) + "\n\n" + table(head, runs) + "\n\n" + _burst_cost(bad)
+
+
+def _burst_cost(bad: dict[str, Any]) -> str:
+    """Does the burst slow the well-formed requests beyond its own CPU cost?"""
+    med = bad["median"]
+    alone = med.get("malformed burst alone", {}).get("gateway_cpu_s")
+    without = med.get("without burst", {})
+    loaded = med.get("with malformed burst", {})
+    if alone is None or not without.get("requests") or not loaded.get("requests"):
+        return "(the burst's own CPU cost was not measured)"
+    per_without = without["gateway_cpu_s"] / without["requests"] * 1e3
+    per_with = (loaded["gateway_cpu_s"] - alone) / loaded["requests"] * 1e3
+    return (
+        f"The burst alone cost the manager {alone * 1e3:.0f} ms of CPU "
+        f"({med['malformed burst alone'].get('requests', 0):.0f} malformed requests). "
+        f"Per well-formed request, CPU with the burst minus the burst's own cost: "
+        f"{per_with:.3f} ms, against {per_without:.3f} ms without the burst "
+        f"({per_with / per_without:.2f}x)."
+    )
 
 
 def _is_4xx(code: str) -> bool:

@@ -504,9 +504,18 @@ class Bench:
             load, _ = await asyncio.gather(make(seconds), burst())
             return load
 
+        async def burst_alone() -> loadgen.Load:
+            # The burst's own CPU cost, to tell it apart from any slowing of the others.
+            began = time.perf_counter()
+            seen = await loadgen.malformed_burst(port, "fast", self.s.bad_per_kind, seconds * 0.7)
+            bursts.append(seen)
+            sent = sum(sum(statuses.values()) for statuses in seen.values())
+            return loadgen.Load("raw sockets", sent, time.perf_counter() - began, None, None)
+
         variants: dict[str, Callable[[], Awaitable[loadgen.Load]]] = {
             "without burst": lambda: make(seconds),
             "with malformed burst": with_burst,
+            "malformed burst alone": burst_alone,
         }
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for n in range(self.s.rounds):
