@@ -84,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.error: UpstreamError | None = None
         self.received = False
+        self._interim = False  # inside a 1xx answer, which precedes the real one
         self._framed = False  # Content-Length or chunked: the end is not the connection's end
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -101,7 +102,8 @@ class _Connection(asyncio.Protocol):
         self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # HttpParserUpgrade: a 101 nobody asked for (the relay never forwards Upgrade).
             self._fail(UpstreamError(f"invalid HTTP from the model server: {exc}"))
             self.close()
 
@@ -111,7 +113,7 @@ class _Connection(asyncio.Protocol):
         self._lost(self)
         if self.eof:
             return
-        if self.headers_done and not self._framed:
+        if self.headers_done and not self._framed and exc is None:
             self.eof = True  # a body delimited by the end of the connection
             self._wake()
         elif not self.received:
@@ -122,10 +124,16 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.headers_done:  # chunked trailers are not the answer's headers
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            # 100 Continue, 103 Early Hints: HTTP clients skip interim answers.
+            self._interim = True
+            self.headers = []
+            return
         self.keep_alive = self._parser.should_keep_alive()
         for name, value in self.headers:
             lowered = name.lower()
@@ -150,6 +158,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.eof = True
         self.stop_timer()
         self._wake()
@@ -202,6 +213,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
+            self._last_data = self._loop.time()  # the pause was the client's, not the model's
             self.transport.resume_reading()
         return data
 
