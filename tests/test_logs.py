@@ -58,15 +58,22 @@ async def test_live_lines_arrive_within_100_ms(tmp_path: Path, spawn_log: Path) 
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         assert resp.headers["Cache-Control"] == "no-cache"
         assert resp.headers["X-Accel-Buffering"] == "no"
-        events = await read_events(resp, lambda evs: sum(e["type"] == "realtime" for e in evs) >= 5)
+
+        def ticks(evs: list[dict[str, Any]]) -> int:
+            return sum(e.get("log", {}).get("message", "").startswith("tick ") for e in evs)
+
+        events = await read_events(resp, lambda evs: ticks(evs) >= 5)
         resp.close()
         assert events[0][1] == {"type": "historical_complete", "count": 0}
         delays = []
         for arrived, event in events[1:]:
             assert event["type"] == "realtime"
             message = event["log"]["message"]
-            assert message.startswith("tick ") and event["log"]["stream"] == "stdout"
+            if not message.startswith("tick "):
+                continue  # a start-up line read (up to 20 ms late) after the start returned
+            assert event["log"]["stream"] == "stdout"
             delays.append(arrived - float(message.split()[2]))
+        assert len(delays) >= 5
         assert max(delays) < 0.1, delays
         await mgr.post("/api/models/m/stop")
 
