@@ -382,7 +382,13 @@ async def test_first_request_is_forwarded_soon_after_the_model_turns_healthy(
         async with mgr.http.post(mgr.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
             answered = time.time()
-        lines = [line.message for line in mgr.supervisor.resolve("m").log.lines()]
-        healthy = float(next(m for m in lines if m.startswith("healthy at ")).split()[-1])
+        model_log = mgr.supervisor.resolve("m").log
+
+        def healthy_line() -> list[str]:
+            return [x.message for x in model_log.lines() if x.message.startswith("healthy at ")]
+
+        # Output is read in gatherings of up to 20 ms: the line may come after the answer.
+        await wait_until(lambda: bool(healthy_line()))
+        healthy = float(healthy_line()[0].split()[-1])
         # Probes run every 25 ms at most, and at once on the "healthy at" line itself.
         assert 0 <= answered - healthy < 0.15, answered - healthy
