@@ -68,7 +68,8 @@ def sse_body(chunks: int) -> bytes:
     return b"".join(events)
 
 
-NGINX_CONF = """
+# One nginx process (its CPU is one PID's), everything under {dir}; shared with procs.py.
+NGINX_PREAMBLE = """
 daemon off;
 master_process off;
 worker_processes 1;
@@ -82,7 +83,11 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    keepalive_requests 100000000;
+    keepalive_requests 100000000;"""
+
+NGINX_CONF = (
+    NGINX_PREAMBLE
+    + """
     open_file_cache max=16;
     server {{
         listen 127.0.0.1:{port};
@@ -90,6 +95,7 @@ http {{
     }}
 }}
 """
+)
 
 JSON_LOCATION = "location / {{ default_type application/json; return 200 '{body}'; }}"
 

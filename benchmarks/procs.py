@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from backend import NGINX_PREAMBLE  # a sibling module: run.py puts benchmarks/ on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -196,24 +197,13 @@ async def start_manager(procs: Processes, config: Path) -> tuple[subprocess.Pope
     raise RuntimeError("LLM-Manager did not start:\n" + tail(log))
 
 
-NGINX_PROXY = """
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 100000000;
+NGINX_PROXY = (
+    NGINX_PREAMBLE
+    + """
 {servers}
 }}
 """
+)
 
 NGINX_SERVER = """
     upstream backend_{listen} {{

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 Row = list[str]
@@ -88,52 +88,54 @@ def _cpu_vs(results: dict[str, Any], key: str, target: str, figure: str) -> list
 def json_table(results: dict[str, Any], keys: list[str]) -> str:
     head = ["clients", "target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"]
     head += ["req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU ÷ nginx", "CPU ÷ LiteLLM", "non-200"]
-    rows = []
+    rows = [
+        [
+            clients,
+            target,
+            fmt(m.get("rps"), 0),
+            fmt(m.get("p50_ms")),
+            fmt(m.get("p99_ms")),
+            fmt(m.get("gateway_cpu_ms_per_request"), 3),
+            *_vs(results, key, target, "rps"),
+            *_cpu_vs(results, key, target, "gateway_cpu_ms_per_request"),
+            _bad(m),
+        ]
+        for key, clients, target, m in _medians(results, keys)
+    ]
+    return table(head, rows)
+
+
+def _medians(
+    results: dict[str, Any], keys: list[str]
+) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+    """(scenario key, clients, target, medians) for the scenarios that ran, in order."""
     for key in keys:
         scenario = results["scenarios"].get(key)
         if scenario is None:
             continue
         for target, m in scenario["median"].items():
-            rows.append(
-                [
-                    str(scenario["clients"]),
-                    target,
-                    fmt(m.get("rps"), 0),
-                    fmt(m.get("p50_ms")),
-                    fmt(m.get("p99_ms")),
-                    fmt(m.get("gateway_cpu_ms_per_request"), 3),
-                    *_vs(results, key, target, "rps"),
-                    *_cpu_vs(results, key, target, "gateway_cpu_ms_per_request"),
-                    _bad(m),
-                ]
-            )
-    return table(head, rows)
+            yield key, str(scenario["clients"]), target, m
 
 
 def stream_table(results: dict[str, Any], keys: list[str]) -> str:
     head = ["clients", "target", "req/s", "TTFB p50 ms", "events/answer", "CPU ms/req"]
     head += ["CPU µs/event", "req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU/event ÷ nginx"]
     head += ["CPU/event ÷ LiteLLM", "non-200 (resent)"]
-    rows = []
-    for key in keys:
-        scenario = results["scenarios"].get(key)
-        if scenario is None:
-            continue
-        for target, m in scenario["median"].items():
-            rows.append(
-                [
-                    str(scenario["clients"]),
-                    target,
-                    fmt(m.get("rps"), 0),
-                    fmt(m.get("ttfb_p50_ms")),
-                    fmt(m.get("events_per_answer"), 0),
-                    fmt(m.get("gateway_cpu_ms_per_request"), 3),
-                    fmt(m.get("gateway_cpu_us_per_event"), 1),
-                    *_vs(results, key, target, "rps"),
-                    *_cpu_vs(results, key, target, "gateway_cpu_us_per_event"),
-                    _bad(m),
-                ]
-            )
+    rows = [
+        [
+            clients,
+            target,
+            fmt(m.get("rps"), 0),
+            fmt(m.get("ttfb_p50_ms")),
+            fmt(m.get("events_per_answer"), 0),
+            fmt(m.get("gateway_cpu_ms_per_request"), 3),
+            fmt(m.get("gateway_cpu_us_per_event"), 1),
+            *_vs(results, key, target, "rps"),
+            *_cpu_vs(results, key, target, "gateway_cpu_us_per_event"),
+            _bad(m),
+        ]
+        for key, clients, target, m in _medians(results, keys)
+    ]
     return table(head, rows)
 
 

@@ -9,6 +9,7 @@ before the model has answered a byte.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -252,33 +253,26 @@ class Gateway:
         host = UPSTREAM_HOST
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
         settings = self._settings
+        request = functools.partial(
+            self._upstream.request,
+            host,
+            port,
+            head,
+            body,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            head_only=method == "HEAD",
+        )
         try:
             try:
-                return await self._upstream.request(
-                    host,
-                    port,
-                    head,
-                    body,
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=settings.read_timeout,
-                    head_only=method == "HEAD",
-                )
+                return await request()
             except Dropped as exc:
                 if not exc.reused:
                     raise
                 # The engine closed a pooled keep-alive connection (llama.cpp does, after its
                 # keep-alive timeout and after some streams). Nothing reached the client yet:
                 # try once more on a connection that is certainly new.
-                return await self._upstream.request(
-                    host,
-                    port,
-                    head,
-                    body,
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=settings.read_timeout,
-                    head_only=method == "HEAD",
-                    fresh=True,
-                )
+                return await request(fresh=True)
         except ConnectTimeout:
             raise UpstreamFailed(
                 f"cannot connect to the model server within "
