@@ -4,6 +4,7 @@ signals at bad moments lose nothing they promise to keep and leave no process be
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import random
@@ -155,8 +156,8 @@ def _background_requests(url: str, done: list[float], stop: threading.Event) -> 
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 resp.read()
-        except OSError:
-            return
+        except (OSError, http.client.HTTPException):
+            return  # the manager was killed, possibly between an answer's head and body
         done.append(time.monotonic())
 
 
