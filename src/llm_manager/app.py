@@ -108,10 +108,13 @@ class Application:
         overrides: dict[str, object] | None = None,
         watch: bool = False,
     ) -> Application:
-        # For health probes. Its idle keep-alive (4 s) stays below llama.cpp's (5 s), so the
-        # pool drops a connection before the engine does. No session-wide timeout: each
-        # call sets its own.
-        http = _session(aiohttp.TCPConnector(limit=0, keepalive_timeout=4))
+        # For health probes (the relay has its own client, gateway/upstream.py). Its idle
+        # keep-alive (4 s) stays below llama.cpp's (5 s), so the pool drops a connection
+        # before the engine does. No session-wide timeout: each probe sets its own.
+        http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+        )
         return cls(loaded, http, overrides, watch)
 
     def _build_management(self, say: Messages) -> FastAPI:
@@ -183,13 +186,6 @@ class Application:
             await self.http.close()
             self.upstream.close()
             await asyncio.to_thread(self.db.close)
-
-
-def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
-    # Bytes are relayed as the model sent them (no decompression); no session-wide timeout.
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=None), connector=connector, auto_decompress=False
-    )
 
 
 def providers(declared: list[DeviceConfig]) -> list[DeviceProvider]:

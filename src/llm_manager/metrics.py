@@ -43,10 +43,11 @@ class Metrics:
 class _Histogram:
     """Bucket counts (the last one is +Inf) and a sum: plain integers, no lock."""
 
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "counts", "labels", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self.labels = (*map(floatToGoString, bounds), "+Inf")  # the "le" of each bucket
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
@@ -57,8 +58,7 @@ class _Histogram:
     def family_sample(self) -> tuple[list[tuple[str, float]], float]:
         running = 0
         buckets: list[tuple[str, float]] = []
-        labels = (*map(floatToGoString, self.bounds), "+Inf")
-        for bound, count in zip(labels, list(self.counts), strict=True):
+        for bound, count in zip(self.labels, list(self.counts), strict=True):
             running += count
             buckets.append((bound, running))
         return buckets, self.total

@@ -295,7 +295,7 @@ class Gateway:
         answered: float,
     ) -> None:
         record.status = upstream.status
-        content_type = upstream.header(b"content-type") or b""
+        content_type = upstream.content_type
         sse = content_type.startswith(b"text/event-stream")
         scan_json = b"json" in content_type
         record.stream = sse

@@ -79,6 +79,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.content_type = b""
         self.headers_done = False
         self.eof = False
         self.keep_alive = False
@@ -109,7 +110,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.stop_timer()
+        self._stop_timer()
         self._lost(self)
         if self.eof:
             return
@@ -135,9 +136,11 @@ class _Connection(asyncio.Protocol):
             self.headers = []
             return
         self.keep_alive = self._parser.should_keep_alive()
-        for name, value in self.headers:
+        for name, value in self.headers:  # the one pass that looks at header names
             lowered = name.lower()
-            if lowered == b"content-length" or (
+            if lowered == b"content-type":
+                self.content_type = self.content_type or value
+            elif lowered == b"content-length" or (
                 lowered == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 self._framed = True
@@ -162,7 +165,7 @@ class _Connection(asyncio.Protocol):
             self._interim = False
             return
         self.eof = True
-        self.stop_timer()
+        self._stop_timer()
         self._wake()
 
     # --- used by Response --------------------------------------------------------------------
@@ -171,8 +174,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._reset()
         self._head_only = head_only
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
+        if len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
             self.transport.write(body)  # no copy of a large body
         # One timer per read_timeout period, re-armed from the time of the last data, not
         # one per wait: a token stream waits once per token.
@@ -193,7 +198,7 @@ class _Connection(asyncio.Protocol):
         self._fail(ReadTimeout(f"no data from the model server for {self._read_timeout:g} s"))
         self.close()
 
-    def stop_timer(self) -> None:
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -223,7 +228,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self.stop_timer()
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -242,13 +247,14 @@ class Response:
     """An answer being read. ``read()`` gives what has arrived, b"" at the end; ``release()``
     must follow (the connection goes back to the pool only after a complete answer)."""
 
-    __slots__ = ("_conn", "_pool", "headers", "status")
+    __slots__ = ("_conn", "_pool", "content_type", "headers", "status")
 
     def __init__(self, conn: _Connection, pool: UpstreamPool) -> None:
         self._conn = conn
         self._pool = pool
         self.status = conn.status
         self.headers = conn.headers  # raw (name, value) pairs as the server sent them
+        self.content_type = conn.content_type  # b"" when absent
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (``name`` in lower case)."""
@@ -320,7 +326,8 @@ class UpstreamPool:
         return Response(conn, self)
 
     def give_back(self, conn: _Connection) -> None:
-        conn.stop_timer()
+        # No timer to stop: a complete answer stopped it, and a discarded connection's
+        # close() does.
         if conn.closed or not conn.eof or not conn.keep_alive or conn.has_data:
             self._discard(conn)
             return
