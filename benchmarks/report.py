@@ -175,23 +175,27 @@ def alias_table(results: dict[str, Any]) -> str:
     if aliases is None:
         return "(not run)"
     first = next(iter(aliases["median"].values()))
-    rows = []
-    for name, m in aliases["median"].items():
-        rows.append(
-            [
-                f"`{name}` ({aliases['called_by'][name]})",
-                fmt(m.get("rps"), 0),
-                fmt(m.get("p50_ms"), 3),
-                fmt(m.get("p99_ms"), 3),
-                fmt(m.get("gateway_cpu_ms_per_request"), 3),
-                _rel(m, first, "p50_ms"),
-                _rel(m, first, "gateway_cpu_ms_per_request"),
-                _bad(m),
-            ]
-        )
+    rows = [
+        _run_row(f"`{name}` ({aliases['called_by'][name]})", m, first)
+        for name, m in aliases["median"].items()
+    ]
     head = ["model called by", "req/s", "p50 ms", "p99 ms", "CPU ms/req"]
     head += ["p50 ÷ first row", "CPU ÷ first row", "non-200"]
     return table(head, rows)
+
+
+def _run_row(label: str, m: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """req/s, p50, p99 and CPU per request of one variant, and p50 and CPU against ``base``."""
+    return [
+        label,
+        fmt(m.get("rps"), 0),
+        fmt(m.get("p50_ms"), 3),
+        fmt(m.get("p99_ms"), 3),
+        fmt(m.get("gateway_cpu_ms_per_request"), 3),
+        _rel(m, base, "p50_ms"),
+        _rel(m, base, "gateway_cpu_ms_per_request"),
+        _bad(m),
+    ]
 
 
 def rss_table(results: dict[str, Any]) -> str:
@@ -216,22 +220,11 @@ def bad_input_tables(results: dict[str, Any]) -> str:
         for kind, seen in bad["malformed_statuses"].items()
     ]
     base = bad["median"].get("without burst", {})
-    runs = []
-    for name, m in bad["median"].items():
-        if name == "malformed burst alone":
-            continue
-        runs.append(
-            [
-                name,
-                fmt(m.get("rps"), 0),
-                fmt(m.get("p50_ms"), 3),
-                fmt(m.get("p99_ms"), 3),
-                fmt(m.get("gateway_cpu_ms_per_request"), 3),
-                _rel(m, base, "p50_ms"),
-                _rel(m, base, "gateway_cpu_ms_per_request"),
-                _bad(m),
-            ]
-        )
+    runs = [
+        _run_row(name, m, base)
+        for name, m in bad["median"].items()
+        if name != "malformed burst alone"
+    ]
     head = ["well-formed load, 8 clients", "req/s", "p50 ms", "p99 ms"]
     head += ["CPU ms per well-formed req", "p50 ÷ without", "CPU ÷ without", "non-200"]
     kinds_head = ["malformed request", "sent", "statuses", "all 4xx"]
