@@ -197,9 +197,6 @@ class _OutputReader(asyncio.Protocol):
             self._transport.pause_reading()
             self._loop.call_later(COALESCE, self._resume)
 
-    def eof_received(self) -> None:
-        return None  # the transport closes itself
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._lines.finish()
