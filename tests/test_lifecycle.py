@@ -211,16 +211,17 @@ async def test_declared_device_memory_is_booked_and_idle_holder_evicted(
 
     loaded = make_config(
         tmp_path,
-        {"a": on_gpu(6000), "b": on_gpu(6000)},
+        {"a": on_gpu(6000), "b": {**on_gpu(6000), "queue_timeout": "0.5s"}},
         devices=[{"name": "test gpu", "kind": "cuda", "memory_total_mib": 8000}],
     )
     async with running_manager(loaded) as mgr:
         assert (await mgr.post("/api/models/a/start"))[0] == 200
         a = mgr.supervisor.resolve("a")
-        a.acquire()  # busy: must not be evicted
+        assert a.try_admit()  # a request in flight: busy, must not be evicted
         status, body = await mgr.post("/api/models/b/start")
-        assert status == 503 and "6000 MiB" in body["error"]
-        a.release()  # now idle: b's start evicts it
+        assert status == 503 and "queue_timeout" in body["message"] and "a" in body["message"]
+        assert mgr.supervisor.resolve("b").state is State.STOPPED  # no room is not a failure
+        a.dismiss()  # now idle: b's start evicts it
         assert (await mgr.post("/api/models/b/start"))[0] == 200
         assert a.state is State.STOPPED
         assert any("evicted to make room for b" in line.message for line in a.log.lines())

@@ -117,6 +117,28 @@ class ServerConfig(_Strict):
         100_000, ge=0, description="Stored log lines per model, newest kept; 0 = no limit."
     )
     language: Literal["en", "zh"] = Field("en", description="Language of human-readable messages.")
+    queue_timeout: Duration = Field(
+        600.0,
+        gt=0,
+        description="Longest a request waits for its model to get room on its devices (the "
+        "models holding them busy) before 503 with Retry-After.",
+    )
+    turn_time: Duration = Field(
+        30.0,
+        description="Once another model waits for a loaded model's memory, the loaded model "
+        "takes new requests for at most this long (its turn), then finishes what it has and "
+        "is swapped out.",
+    )
+    turn_linger: Duration = Field(
+        0.5,
+        description="A loaded model whose memory another model waits for is swapped out once "
+        "it has had no request in flight this long, even before its turn ends.",
+    )
+    stream_keepalive: Duration = Field(
+        0.0,
+        description="While a streamed request waits for its model, send an SSE comment line "
+        "this often to keep the client's connection alive; 0 = off.",
+    )
 
 
 class DeviceConfig(_Strict):
@@ -205,6 +227,18 @@ class ModelConfig(_Strict):
     max_queue: int = Field(
         100, ge=0, description="Requests that may wait for a slot; beyond it 429."
     )
+    pinned: bool = Field(
+        False, description="Never evicted for another model, and never stopped for being idle."
+    )
+    priority: int = Field(
+        0,
+        description="Lower priorities are evicted first; higher ones get room first when "
+        "several models wait.",
+    )
+    queue_timeout: Duration | None = Field(
+        None, gt=0, description="Per-model override of server.queue_timeout."
+    )
+    turn_time: Duration | None = Field(None, description="Per-model override of server.turn_time.")
     schemes: dict[str, SchemeConfig] = Field(
         min_length=1, description="Start schemes, tried in order."
     )
@@ -418,6 +452,12 @@ def validate_data(raw: Any, source: str, lines: dict[tuple[str, ...], int]) -> C
             problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
     for loc, msg in _cross_checks(raw):
         problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
+    if config is not None and not problems:
+        # Imported here: the check needs the planner, which itself depends on this module.
+        from llm_manager.models.pinning import pinned_problems
+
+        for loc, msg in pinned_problems(config):
+            problems.append(ConfigProblem(".".join(loc), _line_for(lines, loc), msg))
     if problems or config is None:
         problems.sort(key=lambda p: (p.line or 0, p.path))
         raise ConfigError(source, _dedupe(problems))

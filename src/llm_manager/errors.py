@@ -73,6 +73,16 @@ class StartFailed(ModelUnavailable):
     kind = "start_failed"
 
 
+class ModelBusy(DeviceUnavailable):
+    """The model waited for room past its queue_timeout: the models holding it stayed busy."""
+
+    kind = "model_busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, round(retry_after)))}
+
+
 class StorageUnavailable(ManagerError):
     """The SQLite file cannot be read or written; serving goes on without it."""
 

@@ -80,6 +80,7 @@ class _RequestStats(Collector):
         self.duration: dict[str, _Histogram] = {}
         self.ttfb: dict[str, _Histogram] = {}
         self.overhead = _Histogram(_OVERHEAD_BUCKETS)
+        self.queue_wait: dict[str, _Histogram] = {}
 
     def observe(self, record: RequestRecord) -> None:
         model = record.model
@@ -94,6 +95,8 @@ class _RequestStats(Collector):
             _histogram(self.ttfb, model).add(record.ttfb_ms / 1000)
         if record.overhead_ms is not None:
             self.overhead.add(record.overhead_ms / 1000)
+        if record.wait_ms is not None:
+            _histogram(self.queue_wait, model).add(record.wait_ms / 1000)
 
     def _add_tokens(self, model: str, kind: str, count: int) -> None:
         self.tokens[model, kind] = self.tokens.get((model, kind), 0) + count
@@ -123,6 +126,12 @@ class _RequestStats(Collector):
             "llm_manager_time_to_first_byte_seconds",
             "Arrival to the first byte of the answer relayed.",
             self.ttfb,
+        )
+        yield _histogram_family(
+            "llm_manager_queue_wait_seconds",
+            "Arrival to forwarded: waits for the model's turn, a max_concurrency slot, room "
+            "on its devices and its start.",
+            self.queue_wait,
         )
         overhead = HistogramMetricFamily(
             "llm_manager_gateway_overhead_seconds",
@@ -185,8 +194,21 @@ class _LiveState(Collector):
             "Duration of the model's last successful start.",
             labels=["model"],
         )
+        waiting = GaugeMetricFamily(
+            "llm_manager_waiting_requests",
+            "Requests not yet forwarded: held for the model's turn, queued for a slot, or "
+            "waiting for it to start (room included).",
+            labels=["model"],
+        )
+        blocked = GaugeMetricFamily(
+            "llm_manager_model_waiting_for_room",
+            "1 while the model's start waits for other models to make room.",
+            labels=["model"],
+        )
         for r in runtimes:
             pending.add_metric([r.name], r.pending)
+            waiting.add_metric([r.name], r.waiting)
+            blocked.add_metric([r.name], 1.0 if r.waiting_for else 0.0)
             queued.add_metric([r.name], r.gate.waiting)
             for s in State:
                 state.add_metric([r.name, s.value], 1.0 if r.state is s else 0.0)
@@ -194,7 +216,7 @@ class _LiveState(Collector):
             crashes.add_metric([r.name], r.crash_count)
             if r.last_start_seconds is not None:
                 start_seconds.add_metric([r.name], r.last_start_seconds)
-        yield from (pending, queued, state, starts, crashes, start_seconds)
+        yield from (pending, queued, waiting, blocked, state, starts, crashes, start_seconds)
         used = GaugeMetricFamily(
             "llm_manager_device_memory_used_mib", "Device memory in use.", labels=["device", "name"]
         )

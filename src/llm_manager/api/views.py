@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,11 +35,23 @@ def model_info(
         "config_source": preview.scheme,
         "failure_reason": runtime.failure_reason,
         "pending_requests": runtime.pending,
+        "waiting": runtime.waiting,
+        "waiting_for": list(runtime.waiting_for),
+        "turn_ends_in_sec": _seconds_until(runtime.turn_ends),
+        "pinned": runtime.spec.pinned,
+        "priority": runtime.spec.priority,
         "port": runtime.port,
         "auto_start": runtime.spec.auto_start,
         "idle_timeout_sec": runtime.idle_timeout,
         "start_count": runtime.start_count,
     }
+
+
+def _seconds_until(when: float | None) -> float | None:
+    """Seconds left (0 once past) until a monotonic time, or None."""
+    if when is None:
+        return None
+    return round(max(0.0, when - time.monotonic()), 1)
 
 
 def all_models(supervisor: Supervisor, devices: list[Device]) -> dict[str, Any]:
@@ -49,4 +62,5 @@ def all_models(supervisor: Supervisor, devices: list[Device]) -> dict[str, Any]:
         "total_models": len(runtimes),
         "running_models": running_count(runtimes),
         "total_pending_requests": sum(r.pending for r in runtimes),
+        "total_waiting_requests": sum(r.waiting for r in runtimes),
     }

@@ -218,13 +218,18 @@ class Gateway:
         began: float,
     ) -> None:
         gate = runtime.gate
-        own_time = time.perf_counter() - began  # reading, checking: the gateway's own work
-        admitted = False
+        queued = time.perf_counter()
+        own_time = queued - began  # reading, checking: the gateway's own work
+        entered = admitted = False
         try:
             try:
+                if not runtime.try_admit():
+                    await runtime.admit()  # its turn is over: wait until it has been swapped
+                entered = True
                 await gate.acquire()  # 429 when the queue is full
                 admitted = True
                 await runtime.ensure_ready()  # 503 or 502 when it cannot start
+                record.wait_ms = (time.perf_counter() - queued) * 1000
                 upstream = await self._open(runtime, scope, body)  # 502 or 504
             except ManagerError as exc:
                 record.status, record.error = exc.status, exc.message
@@ -238,6 +243,8 @@ class Gateway:
         finally:
             if admitted:
                 gate.release()
+            if entered:
+                runtime.dismiss()
 
     async def _open(self, runtime: ModelRuntime, scope: Scope, body: bytes) -> Response:
         port = runtime.port

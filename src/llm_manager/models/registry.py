@@ -41,6 +41,10 @@ class Registry(Generic[T]):
     def values(self) -> list[T]:
         return list(self._items.values())
 
+    def get(self, name: str) -> T | None:
+        """The item of an exact configured name, or None."""
+        return self._items.get(name)
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import aiohttp
 
 from llm_manager.config import ModelConfig
-from llm_manager.errors import ManagerError, ModelStopped, StartFailed
+from llm_manager.errors import DeviceUnavailable, ManagerError, ModelStopped, StartFailed
 from llm_manager.logs import ModelLog
 from llm_manager.models import launch
 from llm_manager.models.gate import ConcurrencyGate
@@ -52,6 +52,9 @@ class Placer(Protocol):
 
     def release(self, name: str) -> None: ...
 
+    def changed(self) -> None:
+        """A model's state or in-flight count changed: placements waiting for room look again."""
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -60,6 +63,9 @@ class RuntimeSettings:
     idle_timeout: float  # 0 = never
     data_dir: Path
     base_dir: Path
+    queue_timeout: float = 600.0
+    turn_time: float = 30.0
+    turn_linger: float = 0.5
 
 
 class ModelRuntime:
@@ -88,6 +94,17 @@ class ModelRuntime:
         self.scheme: str | None = None  # scheme of the current (or last) run
         self.port: int | None = spec.port
         self.pending = 0
+        # Requests past the turn door (waiting for a slot, the start, or being served): a
+        # model with any is busy and is not evicted. ``held`` wait at a closed door.
+        self.admitted = 0
+        self.held = 0
+        # Set by the supervisor while another model waits for this one's memory: from this
+        # time on, new requests are held until the model has been swapped out (its turn).
+        self.turn_ends: float | None = None
+        self._door: asyncio.Event | None = None
+        self.waiting_for: tuple[str, ...] = ()  # models a start waits for (room)
+        self._start_waiters = 0
+        self.ready_at: float | None = None  # when it last became routing
         self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
         self._next_spec: ModelConfig | None = None  # a changed definition, applied when idle
         self.start_count = 0
@@ -118,6 +135,22 @@ class ModelRuntime:
         own = self.spec.idle_timeout
         return self.settings.idle_timeout if own is None else own
 
+    @property
+    def queue_timeout(self) -> float:
+        own = self.spec.queue_timeout
+        return self.settings.queue_timeout if own is None else own
+
+    @property
+    def turn_time(self) -> float:
+        own = self.spec.turn_time
+        return self.settings.turn_time if own is None else own
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet served: held at the door, queued for a slot, or waiting for
+        the model to start."""
+        return self.held + self.gate.waiting + self._start_waiters
+
     def idle_seconds(self, now: float | None = None) -> float:
         if self.pending or self._state in (State.STARTING, State.HEALTH_CHECK):
             return 0.0
@@ -127,6 +160,7 @@ class ModelRuntime:
         timeout = self.idle_timeout
         return (
             timeout > 0
+            and not self.spec.pinned
             and self._state is State.ROUTING
             and self.pending == 0
             and now - self.last_used >= timeout
@@ -176,6 +210,45 @@ class ModelRuntime:
         self.pending -= 1
         self.last_used = time.monotonic()
 
+    def try_admit(self) -> bool:
+        """Let a request through the turn door unless the model's turn is over."""
+        ends = self.turn_ends
+        if ends is not None and time.monotonic() >= ends:
+            return False
+        self.admitted += 1
+        return True
+
+    async def admit(self) -> None:
+        """Wait at the closed door until the model has been swapped out (or another
+        model's wait for its memory ended), then enter."""
+        while not self.try_admit():
+            door = self._door
+            if door is None:
+                door = self._door = asyncio.Event()
+            self.held += 1
+            try:
+                await door.wait()
+            finally:
+                self.held -= 1
+
+    def dismiss(self) -> None:
+        """An admitted request ended."""
+        self.admitted -= 1
+        self.last_used = time.monotonic()
+        if not self.admitted and self.turn_ends is not None:
+            self._placer.changed()  # a model waiting for this one's memory may go now
+
+    def set_turn_end(self, when: float | None) -> None:
+        """The supervisor's word on this model's turn; reopening the door wakes held
+        requests."""
+        if when == self.turn_ends:
+            return
+        self.turn_ends = when
+        door = self._door
+        if door is not None and (when is None or when > time.monotonic()):
+            self._door = None
+            door.set()
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def ensure_ready(self) -> str:
@@ -193,8 +266,19 @@ class ModelRuntime:
             if self._start_task is None:
                 self._start_task = asyncio.create_task(self._start(), name=f"start {self.name}")
             task = self._start_task
-            # asyncio.wait: a waiter that is cancelled (client left) does not cancel the start.
-            await asyncio.wait({task})
+            # asyncio.wait: a waiter that is cancelled (client left) does not cancel the start,
+            # unless it was the last one and the start still waits for room: then nothing is
+            # evicted and nothing started for clients that are gone.
+            self._start_waiters += 1
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                if not self._start_waiters - 1 and self.waiting_for and not task.done():
+                    self.log.event("start abandoned: every request waiting for it has left")
+                    task.cancel()
+                raise
+            finally:
+                self._start_waiters -= 1
             if task.cancelled():
                 raise ModelStopped(f"model {self.name!r} was stopped while starting")
             exc = task.exception()
@@ -250,6 +334,13 @@ class ModelRuntime:
                 await self._teardown(proc, "start cancelled")
                 self._set_state(State.STOPPED)
                 raise
+            except DeviceUnavailable as exc:
+                # No room (now, or within queue_timeout): the model is not broken.
+                await self._teardown(proc, exc.message)
+                self._set_state(State.STOPPED)
+                detail = f" ({exc.detail})" if exc.detail else ""
+                self.log.event(f"not started: {exc.message}{detail}")
+                raise
             except ManagerError as exc:
                 await self._teardown(proc, exc.message)
                 self._fail(exc.message)
@@ -261,6 +352,7 @@ class ModelRuntime:
             self.start_count += 1
             self.last_start_seconds = time.monotonic() - began
             self.last_used = time.monotonic()
+            self.ready_at = time.monotonic()
             self._set_state(State.ROUTING)
             self.log.event(f"ready after {time.monotonic() - began:.1f} s")
         finally:
@@ -375,3 +467,6 @@ class ModelRuntime:
 
     def _set_state(self, state: State) -> None:
         self._state = state
+        if state is not State.ROUTING:
+            self.ready_at = None
+        self._placer.changed()

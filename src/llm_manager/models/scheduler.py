@@ -62,11 +62,22 @@ class Shortfall:
 
 @dataclass(frozen=True)
 class Holder:
-    """A model that could be evicted: it is idle and holds memory."""
+    """A model that holds memory and could be evicted (never a pinned one).
+
+    ``ready`` says whether it can be stopped now (idle, its turn over); one that is not
+    can be planned for, and the model that needs its memory waits for it.
+    """
 
     model: str
     last_used: float
     claims: tuple[Claim, ...]
+    priority: int = 0
+    ready: bool = True
+
+    def cost(self) -> tuple[int, bool, float]:
+        # Lower priorities first; among equals, one that can go now before one that must
+        # be waited for; then least recently used.
+        return (self.priority, not self.ready, self.last_used)
 
 
 def _norm(text: str) -> str:
@@ -190,14 +201,16 @@ def plan_eviction(
     devices: Sequence[Device],
     holders: Sequence[Holder],
 ) -> list[str] | None:
-    """The fewest least-recently-used idle models whose stopping makes the scheme fit.
+    """The cheapest set of holders whose stopping makes the scheme fit.
 
-    Only holders of a device the scheme asks for are considered; None when even
+    Holders are taken in order of cost (see ``Holder.cost``) until the scheme fits, then
+    any taken holder that turns out not to be needed is left out again (the most costly
+    first). Only holders of a device the scheme asks for are considered; None when even
     evicting all of them is not enough (or a device is simply absent).
     """
     relevant = [
         h
-        for h in sorted(holders, key=lambda h: h.last_used)
+        for h in sorted(holders, key=Holder.cost)
         if any(
             any(matches(key, d) for key in needs)
             for c in h.claims
@@ -205,15 +218,24 @@ def plan_eviction(
             if d.key == c.device_key
         )
     ]
-    for count in range(1, len(relevant) + 1):
+
+    def fits_without(chosen: Sequence[Holder]) -> bool:
         freed: dict[str, int] = {}
-        for holder in relevant[:count]:
+        for holder in chosen:
             for c in holder.claims:
                 freed[c.device_key] = freed.get(c.device_key, 0) + c.mib
         trial = [
             replace(d, memory_free=min(d.memory_total, d.memory_free + freed.get(d.key, 0)))
             for d in devices
         ]
-        if isinstance(fit_scheme(name, needs, trial), Fit):
-            return [h.model for h in relevant[:count]]
+        return isinstance(fit_scheme(name, needs, trial), Fit)
+
+    for count in range(1, len(relevant) + 1):
+        if fits_without(relevant[:count]):
+            chosen = relevant[:count]
+            for holder in reversed(relevant[: count - 1]):
+                fewer = [h for h in chosen if h is not holder]
+                if fits_without(fewer):
+                    chosen = fewer
+            return [h.model for h in chosen]
     return None

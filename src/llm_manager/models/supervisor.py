@@ -8,6 +8,7 @@ so two concurrent starts never both claim the same free memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import aiohttp
 from llm_manager.config import LoadedConfig, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.monitor import DeviceMonitor
-from llm_manager.errors import DeviceUnavailable
+from llm_manager.errors import DeviceUnavailable, ModelBusy
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
 from llm_manager.models.reaper import Reaper
@@ -25,11 +26,14 @@ from llm_manager.models.registry import Registry
 from llm_manager.models.runstate import RunState
 from llm_manager.models.runtime import ModelRuntime, RuntimeSettings, State
 from llm_manager.models.scheduler import Claim, Fit, Holder
+from llm_manager.models.turns import Turns, Wait
 
 log = logging.getLogger(__name__)
 
 # After evicting, how long to wait for the freed memory to show in the device readings.
 MEMORY_SETTLE_SECONDS = 10.0
+# States in which a model holds its booked memory (and may have to be waited for).
+_HOLDING = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.STOPPING})
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ def _runtime_settings(loaded: LoadedConfig) -> RuntimeSettings:
         idle_timeout=server.idle_timeout,
         data_dir=server.data_dir,
         base_dir=loaded.base_dir,
+        queue_timeout=server.queue_timeout,
+        turn_time=server.turn_time,
+        turn_linger=server.turn_linger,
     )
 
 
@@ -68,6 +75,7 @@ class Supervisor:
         self._runstate = RunState(server.data_dir)
         self._claims: dict[str, tuple[tuple[str, int], ...]] = {}
         self._placement_lock = asyncio.Lock()
+        self.turns = Turns()
         self._tasks: set[asyncio.Task[object]] = set()
         settings = _runtime_settings(loaded)
         self.registry: Registry[ModelRuntime] = Registry(
@@ -192,59 +200,164 @@ class Supervisor:
     # --- placement (the runtime's Placer) -----------------------------------------------
 
     async def place(self, runtime: ModelRuntime) -> tuple[Fit, list[int]]:
+        """Book room for a model, evicting others if needed, and waiting while the models
+        that must make room are busy (up to the model's queue_timeout). See design.md."""
         schemes = [(n, s.devices) for n, s in runtime.spec.schemes.items()]
-        async with self._placement_lock:
-            evicted: set[str] = set()
-            settle_until = 0.0
+        wait = self.turns.enter(runtime.name, runtime.spec.priority, runtime.queue_timeout)
+        try:
             while True:
-                # After an eviction, read the devices afresh: the memory must actually be
-                # free (a GPU releases an exited process's memory a moment later).
-                snap = await self.monitor.snapshot(max_age=0 if evicted else None)
-                devices = scheduler.apply_claims(
-                    snap.devices, self._claims_of(exclude=runtime.name)
-                )
-                result = scheduler.choose(schemes, devices)
-                if isinstance(result, Fit):
-                    self._claims[runtime.name] = tuple(result.needs.items())
-                    return result, result.gpu_indices(snap.devices)
-                if time.monotonic() < settle_until:
-                    await asyncio.sleep(0.25)
-                    continue
-                victims = self._eviction(runtime, schemes, devices, evicted)
-                if not victims:
-                    break
-                evicted.update(victims)
-                await asyncio.gather(
-                    *(
-                        self.resolve(v).stop(f"evicted to make room for {runtime.name}")
-                        for v in victims
-                    )
-                )
-                settle_until = time.monotonic() + MEMORY_SETTLE_SECONDS
-        details = "; ".join(s.describe() for s in result)
-        raise DeviceUnavailable("device unavailable or insufficient resources", details)
+                changed = self.turns.changed_event()  # taken before looking: no missed wake
+                async with self._placement_lock:
+                    placed = await self._try_place(runtime, schemes, wait)
+                if placed is not None:
+                    return placed
+                self._retune()
+                timeout = self._next_look(wait)
+                if timeout <= 0:
+                    raise self._busy(runtime, wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout)
+        finally:
+            self.turns.leave(wait)
+            runtime.waiting_for = ()
+            self._retune()
 
-    def _eviction(
+    async def _try_place(
+        self, runtime: ModelRuntime, schemes: list[tuple[str, dict[str, int]]], wait: Wait
+    ) -> tuple[Fit, list[int]] | None:
+        """Under the placement lock: a fit (booked), or None after recording in ``wait``
+        what must happen first. Raises DeviceUnavailable when nothing could ever make room."""
+        evicted: set[str] = set()
+        settle_until = 0.0
+        while True:
+            # After an eviction, read the devices afresh: the memory must actually be
+            # free (a GPU releases an exited process's memory a moment later).
+            snap = await self.monitor.snapshot(max_age=0 if evicted else None)
+            devices = scheduler.apply_claims(snap.devices, self._claims_of(exclude=runtime.name))
+            result = scheduler.choose(schemes, devices)
+            if isinstance(result, Fit):
+                self._claims[runtime.name] = tuple(result.needs.items())
+                return result, result.gpu_indices(snap.devices)
+            if time.monotonic() < settle_until:
+                await asyncio.sleep(0.25)
+                continue
+            plan = self._plan(runtime, schemes, devices, evicted, wait)
+            if plan is None:
+                details = "; ".join(s.describe() for s in result)
+                raise DeviceUnavailable("device unavailable or insufficient resources", details)
+            victims, blockers = plan
+            wait.victims = frozenset(victims)
+            if blockers:
+                self._note_wait(runtime, wait, blockers)
+                return None
+            evicted.update(victims)
+            for name in victims:
+                log.info("evicting %s to make room for %s", name, runtime.name)
+            runtime.log.event(f"evicting {', '.join(victims)} to make room")
+            await asyncio.gather(
+                *(self.resolve(v).stop(f"evicted to make room for {runtime.name}") for v in victims)
+            )
+            settle_until = time.monotonic() + MEMORY_SETTLE_SECONDS
+
+    def _plan(
         self,
         runtime: ModelRuntime,
         schemes: list[tuple[str, dict[str, int]]],
         devices: list[Device],
         already: set[str],
-    ) -> list[str]:
-        holders = [
-            Holder(r.name, r.last_used, tuple(Claim(r.name, k, m) for k, m in self._claims[r.name]))
-            for r in self.runtimes
-            if r is not runtime
-            and r.name in self._claims
-            and r.name not in already
-            and r.state is State.ROUTING
-            and r.pending == 0
-        ]
-        for name, needs in schemes:
-            victims = scheduler.plan_eviction(name, needs, devices, holders)
-            if victims:
-                return victims
-        return []
+        wait: Wait,
+    ) -> tuple[list[str], list[str]] | None:
+        """(victims, blockers): the models to evict, and those of them that cannot go yet
+        (or the higher-ranked waiting models this one must let go first). None when even
+        evicting every model that may be evicted would not make room."""
+        now = time.monotonic()
+        linger = runtime.settings.turn_linger
+        holders = []
+        for r in self.runtimes:
+            if (
+                r is runtime
+                or r.name not in self._claims
+                or r.name in already
+                or r.spec.pinned
+                or r.state not in _HOLDING
+            ):
+                continue
+            ready = (
+                r.state is State.ROUTING
+                and r.admitted == 0
+                and (
+                    (r.turn_ends is not None and now >= r.turn_ends) or now - r.last_used >= linger
+                )
+            )
+            claims = tuple(Claim(r.name, k, m) for k, m in self._claims[r.name])
+            holders.append(Holder(r.name, r.last_used, claims, r.spec.priority, ready))
+        reserved = self.turns.reserved_before(wait)
+        free_to_take = [h for h in holders if h.model not in reserved]
+        for pool in (free_to_take, holders) if reserved else (holders,):
+            for name, needs in schemes:
+                victims = scheduler.plan_eviction(name, needs, devices, pool)
+                if victims:
+                    if pool is not free_to_take and reserved:
+                        # Only by taking what a model ahead in the queue will take: wait
+                        # for that model's turn to come first.
+                        return victims, sorted(self.turns.ahead_of(wait, victims))
+                    can_go = {h.model for h in pool if h.ready}
+                    return victims, [v for v in victims if v not in can_go]
+        return None  # even evicting every model that may be evicted would not be enough
+
+    def _note_wait(self, runtime: ModelRuntime, wait: Wait, blockers: list[str]) -> None:
+        names = tuple(blockers)
+        if names != runtime.waiting_for:
+            runtime.waiting_for = names
+            described = ", ".join(self._describe_blocker(n) for n in names)
+            runtime.log.event(f"waiting for room: {described}")
+            log.info("%s waits for room: %s", runtime.name, described)
+
+    def _describe_blocker(self, name: str) -> str:
+        other = self.registry.get(name)
+        if other is None:
+            return name
+        if other.state is not State.ROUTING:
+            return f"{name} ({other.state.value})"
+        return f"{name} ({other.admitted} request(s) in flight)"
+
+    def _retune(self) -> None:
+        """Set every model's turn end from the waits that name it (see Turns)."""
+        ends = self.turns.turn_ends(
+            {r.name: (r.ready_at, r.turn_time) for r in self.runtimes if r.ready_at is not None}
+        )
+        for r in self.runtimes:
+            when = ends.get(r.name)
+            if when is not None and r.turn_ends is None:
+                others = ", ".join(self.turns.waiting_on(r.name))
+                r.log.event(
+                    f"{others} wait(s) for its memory: taking new requests for "
+                    f"{max(0.0, when - time.monotonic()):.1f} s more at most"
+                )
+            r.set_turn_end(when)
+
+    def _next_look(self, wait: Wait) -> float:
+        """Seconds until the wait should look again by itself (a change wakes it sooner);
+        0 or less once its queue_timeout has passed."""
+        now = time.monotonic()
+        left = wait.deadline - now
+        for name in wait.victims:
+            other = self.registry.get(name)
+            if other is not None and other.state is State.ROUTING and other.admitted == 0:
+                linger_ends = other.last_used + other.settings.turn_linger - now
+                left = min(left, max(0.01, linger_ends))
+        return left
+
+    def _busy(self, runtime: ModelRuntime, wait: Wait) -> ModelBusy:
+        names = ", ".join(runtime.waiting_for) or "other models"
+        return ModelBusy(
+            f"model {runtime.name!r} waited {runtime.queue_timeout:g} s (queue_timeout) for "
+            f"room on its devices, held by: {names}",
+            retry_after=min(60.0, runtime.turn_time or 1.0),
+        )
+
+    def changed(self) -> None:
+        self.turns.notify()
 
     def release(self, name: str) -> None:
         self._claims.pop(name, None)

@@ -52,6 +52,7 @@ class RequestRecord:
     predicted_n: int | None = None
     error: str | None = None
     overhead_ms: float | None = None  # for metrics and the response header; not stored
+    wait_ms: float | None = None  # arrival to forwarded (turn, queue, start); metrics only
 
 
 class UsageStore:
