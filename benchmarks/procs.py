@@ -181,10 +181,13 @@ def remove_tree(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-async def start_manager(procs: Processes, config: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m llm_manager serve --port 0``; its URL comes from the log line."""
+async def start_manager(
+    procs: Processes, config: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m llm_manager serve --port 0``; its URL comes from the log line. ``env`` is
+    added to the environment (``PYTHONPATH`` to serve another checkout's code)."""
     argv = [sys.executable, "-m", "llm_manager", "serve", "--config", str(config), "--port", "0"]
-    proc = procs.start("llm-manager", argv)
+    proc = procs.start("llm-manager", argv, env)
     log = procs.log_path("llm-manager")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

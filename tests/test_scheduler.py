@@ -17,6 +17,7 @@ from llm_manager.models.scheduler import (
     matches,
     plan_eviction,
 )
+from llm_manager.models.turns import Turns
 
 
 def gpu(
@@ -399,3 +400,74 @@ def test_eviction_on_a_declared_device_matched_by_name() -> None:
     devices = [declared("rtx 4060", 8192, free=1000)]
     holders = [holder("a", 2.0, ("static:rtx 4060", 4000)), holder("b", 1.0, ("cuda:0", 9))]
     assert plan_eviction("s", {"RTX-4060": 5000}, devices, holders) == ["a"]
+
+
+def test_lower_priority_holders_are_evicted_before_less_recently_used_ones() -> None:
+    devices = [gpu(0, total=8192, free=0)]
+    holders = [
+        Holder("old-important", 1.0, (Claim("old-important", "cuda:0", 4000),), priority=5),
+        Holder("recent-minor", 9.0, (Claim("recent-minor", "cuda:0", 4000),), priority=-1),
+    ]
+    assert plan_eviction("s", {"cuda:0": 4000}, devices, holders) == ["recent-minor"]
+
+
+def test_a_holder_that_can_go_now_is_preferred_to_a_busy_one() -> None:
+    devices = [gpu(0, total=8192, free=0)]
+    holders = [
+        Holder("busy", 1.0, (Claim("busy", "cuda:0", 4000),), ready=False),
+        Holder("idle", 9.0, (Claim("idle", "cuda:0", 4000),)),
+    ]
+    assert plan_eviction("s", {"cuda:0": 4000}, devices, holders) == ["idle"]
+    # Only the busy one is big enough: it is planned for (and waited for).
+    holders[0] = Holder("busy", 1.0, (Claim("busy", "cuda:0", 8000),), ready=False)
+    assert plan_eviction("s", {"cuda:0": 6000}, devices, holders) == ["busy"]
+
+
+def test_a_holder_taken_on_the_way_but_not_needed_is_left_out() -> None:
+    devices = [gpu(0, total=10000, free=0)]
+    holders = [
+        holder("small-old", 1.0, ("cuda:0", 1000)),
+        holder("big-new", 2.0, ("cuda:0", 9000)),
+    ]
+    assert plan_eviction("s", {"cuda:0": 8000}, devices, holders) == ["big-new"]
+
+
+# --- turns ---------------------------------------------------------------------------------
+
+
+def test_turns_rank_by_priority_then_arrival_and_reserve_victims() -> None:
+    turns = Turns()
+    first = turns.enter("b", 0, 60)
+    later = turns.enter("c", 5, 60)
+    last = turns.enter("d", 0, 60)
+    first.victims = frozenset({"a"})
+    later.victims = frozenset({"x"})
+    assert [w.model for w in turns.waits] == ["c", "b", "d"]
+    assert turns.reserved_before(first) == {"x"}
+    assert turns.reserved_before(last) == {"a", "x"}
+    assert turns.ahead_of(last, ["a"]) == {"b"}
+    assert turns.waiting_on("a") == ["b"]
+    turns.leave(later)
+    assert turns.reserved_before(first) == frozenset()
+
+
+def test_turn_ends_count_from_the_later_of_the_wait_and_the_model_becoming_ready() -> None:
+    turns = Turns()
+    wait = turns.enter("b", 0, 60)
+    wait.victims = frozenset({"a", "starting"})
+    ends = turns.turn_ends({"a": (wait.since + 2.0, 30.0)})
+    assert ends == {"a": wait.since + 32.0}  # ready after the wait began
+    ends = turns.turn_ends({"a": (wait.since - 100.0, 30.0)})
+    assert ends == {"a": wait.since + 30.0}  # ready long before: its turn counts from now
+
+
+async def test_turns_wake_waiters_only_when_someone_waits() -> None:
+    turns = Turns()
+    event = turns.changed_event()
+    turns.notify()
+    assert not event.is_set()  # nobody waits: the request path pays nothing
+    wait = turns.enter("b", 0, 60)
+    event = turns.changed_event()
+    turns.notify()
+    assert event.is_set() and not turns.changed_event().is_set()
+    turns.leave(wait)

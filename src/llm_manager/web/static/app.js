@@ -185,7 +185,8 @@ function onModels(body) {
   state.modelsAt = Date.now();
   const total = body.total_models ?? Object.keys(state.models).length;
   $("#summary").textContent = `${total} models · ${body.running_models ?? 0} running · `
-    + `${body.total_pending_requests ?? 0} pending`;
+    + `${body.total_pending_requests ?? 0} pending`
+    + (body.total_waiting_requests ? ` · ${body.total_waiting_requests} waiting` : "");
   renderModels();
   fillModelSelect($("#log-model"));
   fillModelSelect($("#pg-model"));
@@ -221,6 +222,15 @@ function modelRow(name, m) {
   const stateCell = el("td", {},
     el("span", { class: "badge " + m.status, text: m.status }));
   if (m.failure_reason) stateCell.append(el("div", { class: "reason", text: m.failure_reason }));
+  if (m.waiting_for && m.waiting_for.length) {
+    stateCell.append(el("div", { class: "queue", text: `waiting for room: ${m.waiting_for.join(", ")}` }));
+  }
+  if (m.turn_ends_in_sec != null) {
+    const turn = m.turn_ends_in_sec > 0
+      ? `another model waits: turn ends in ${fmtDuration(m.turn_ends_in_sec)}`
+      : "another model waits: finishing, then swapped out";
+    stateCell.append(el("div", { class: "queue", text: turn }));
+  }
   const inFlight = busy.has(name);
   const canStart = !inFlight && !ACTIVE.has(m.status) && m.status !== "stopping";
   const canStop = !inFlight && ACTIVE.has(m.status);
@@ -232,7 +242,7 @@ function modelRow(name, m) {
     el("td", { class: "col-opt", text: m.config_source || "–", title: m.current_bat_path || "" }),
     el("td", { class: "num col-opt", text: m.port ?? "–" }),
     el("td", { class: "num col-opt", text: m.pid ?? "–" }),
-    el("td", { class: "num col-opt", text: m.pending_requests }),
+    el("td", { class: "num col-opt", text: m.waiting ? `${m.pending_requests} (${m.waiting} waiting)` : m.pending_requests }),
     el("td", { class: "num idle", text: idleText(m) }),
     el("td", {},
       el("div", { class: "actions" },
