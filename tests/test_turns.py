@@ -276,3 +276,42 @@ def test_pinned_models_that_cannot_fit_together_fail_the_config_check(tmp_path: 
     result = CliRunner().invoke(cli, ["check-config", str(path)])
     assert result.exit_code == 1
     assert "can never be loaded together" in result.output
+
+
+async def test_real_llama_cpp_models_take_turns(tmp_path: Path, tiny_models: Any) -> None:
+    pytest.importorskip("xllamacpp", reason="needs the llama extra (xllamacpp)")
+    openai = pytest.importorskip("openai")
+    from tests.test_gateway_llama import engine
+
+    def llama(name: str) -> dict[str, Any]:
+        scheme = {"devices": {"gpu": 6000}, "command": engine(tiny_models.chat)}
+        return {"schemes": {"GPU": scheme}}
+
+    names = ["architect", "editor"]
+    loaded = make_config(
+        tmp_path, {n: llama(n) for n in names}, devices=GPU, turn_time="2s", turn_linger="0.3s"
+    )
+    async with running_manager(loaded) as mgr:
+        ai = openai.AsyncOpenAI(base_url=mgr.url + "/v1", api_key="none", max_retries=0)
+
+        async def agent(i: int) -> list[str]:
+            answers = []
+            for r in range(6):
+                answer = await ai.chat.completions.create(
+                    model=names[(i + r) % 2],
+                    messages=[{"role": "user", "content": f"agent {i} step {r}"}],
+                    max_tokens=4,
+                    temperature=0,
+                )
+                answers.append(answer.model)
+            return answers
+
+        try:
+            served = await asyncio.gather(agent(0), agent(1))
+        finally:
+            await ai.close()
+        assert [len(a) for a in served] == [6, 6]  # every request answered, none failed
+        loads = starts(mgr)
+        print(f"real llama.cpp, 2 agents x 6 alternating requests: {loads} model starts")
+        assert 2 <= loads <= 8, loads  # 12 requests; about one load per round of the agents
+        await mgr.post("/api/models/stop-all")
