@@ -315,3 +315,43 @@ async def test_real_llama_cpp_models_take_turns(tmp_path: Path, tiny_models: Any
         print(f"real llama.cpp, 2 agents x 6 alternating requests: {loads} model starts")
         assert 2 <= loads <= 8, loads  # 12 requests; about one load per round of the agents
         await mgr.post("/api/models/stop-all")
+
+
+async def test_streamed_request_is_kept_alive_while_it_waits(
+    tmp_path: Path, spawn_log: Path
+) -> None:
+    openai = pytest.importorskip("openai")
+    models = {
+        "a": on_gpu(spawn_log, 6000, "--chunks", "10", "--chunk-delay", "0.1"),
+        "b": on_gpu(spawn_log, 6000, "--chunks", "3"),
+        "c": on_gpu(spawn_log, 6000, queue_timeout="0.5s"),
+    }
+    loaded = make_config(tmp_path, models, devices=GPU, stream_keepalive="0.1s")
+    async with running_manager(loaded) as mgr:
+        a = mgr.supervisor.resolve("a")
+        streaming = asyncio.create_task(stream_text(mgr, "a"))
+        await wait_until(lambda: a.admitted == 1)
+        async with mgr.http.post(mgr.url + "/v1/chat/completions", json=chat("b", True)) as resp:
+            assert resp.status == 200  # committed before b could start
+            first = await resp.content.readline()
+            assert first == b": waiting for model b\n"
+            text = (first + await resp.read()).decode()
+        assert text.count('"content": "tok') == 3 and text.endswith("data: [DONE]\n\n")
+        assert (await streaming)[0] == 200
+
+        # A start that then fails reaches the client as an error event, which the
+        # official client raises.
+        ai = openai.AsyncOpenAI(base_url=mgr.url + "/v1", api_key="none", max_retries=0)
+        try:
+            b = mgr.supervisor.resolve("b")
+            assert b.state is State.ROUTING and b.try_admit()  # busy past c's queue_timeout
+            with pytest.raises(openai.APIError, match="queue_timeout"):
+                chunks = await ai.chat.completions.create(
+                    model="c", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                async for _ in chunks:
+                    pass
+            b.dismiss()
+        finally:
+            await ai.close()
+        await mgr.post("/api/models/stop-all")

@@ -83,6 +83,7 @@ class Application:
                 connect_timeout=server.connect_timeout,
                 read_timeout=server.read_timeout,
                 strip_keys=bool(server.api_keys),
+                stream_keepalive=server.stream_keepalive,
             ),
             upstream=self.upstream,
             record=self._record,

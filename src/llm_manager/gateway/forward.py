@@ -38,7 +38,7 @@ from llm_manager.gateway.upstream import (
 )
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
 from llm_manager.models.launch import UPSTREAM_HOST
-from llm_manager.models.runtime import ModelRuntime
+from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.usage import RequestRecord
 
@@ -82,6 +82,7 @@ class GatewaySettings:
     connect_timeout: float
     read_timeout: float
     strip_keys: bool = False  # LLM-Manager's own keys are not the model server's
+    stream_keepalive: float = 0.0  # SSE comments while a streamed request waits; 0 = off
 
 
 ErrorResponder = Callable[[Scope, Receive, Send, ManagerError], Awaitable[None]]
@@ -113,13 +114,13 @@ class Gateway:
         began = time.perf_counter()
         try:
             body = await self._read_body(scope, receive)
-            runtime, body = self._target(scope, body)
+            runtime, body, stream = self._target(scope, body)
         except _ClientGone:
             return
         except ManagerError as exc:
             await self._error(scope, receive, send, exc)
             return
-        await self._serve(runtime, scope, receive, send, body, began)
+        await self._serve(runtime, scope, receive, send, body, began, stream)
 
     # --- request checks ---------------------------------------------------------------------
 
@@ -147,8 +148,9 @@ class Gateway:
             if not message.get("more_body", False):
                 return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
-    def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes]:
-        """The model a request is for, and the body to send it."""
+    def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes, bool]:
+        """The model a request is for, the body to send it, and whether it asks for a
+        stream."""
         path: str = scope["path"]
         kind = endpoints.kind_of(path)
         if kind is not None and scope["method"] != "POST":
@@ -170,7 +172,7 @@ class Gateway:
             # know the model by its configured name. Re-serialised only in this case.
             payload["model"] = runtime.name
             body = json.dumps(payload, ensure_ascii=False).encode()
-        return runtime, body
+        return runtime, body, payload is not None and payload.get("stream") is True
 
     # --- relaying ---------------------------------------------------------------------------
 
@@ -182,6 +184,7 @@ class Gateway:
         send: Send,
         body: bytes,
         began: float,
+        stream: bool,
     ) -> None:
         record = RequestRecord(runtime.name, scope["path"], scope["method"])
         task = asyncio.current_task()
@@ -192,7 +195,7 @@ class Gateway:
         handle = asyncio.get_running_loop().call_later(WATCH_AFTER, watcher.start)
         runtime.acquire()
         try:
-            await self._relay(runtime, scope, receive, send, body, record, began)
+            await self._relay(runtime, scope, receive, send, body, record, began, stream)
         except asyncio.CancelledError:
             if not watcher.fired:
                 raise
@@ -216,11 +219,16 @@ class Gateway:
         body: bytes,
         record: RequestRecord,
         began: float,
+        stream: bool,
     ) -> None:
         gate = runtime.gate
         queued = time.perf_counter()
         own_time = queued - began  # reading, checking: the gateway's own work
         entered = admitted = False
+        keepalive: _KeepAlive | None = None
+        period = self._settings.stream_keepalive
+        if period and stream and (runtime.state is not State.ROUTING or runtime.turn_ends):
+            keepalive = _KeepAlive(send, period, runtime.name)  # it may have to wait
         try:
             try:
                 if not runtime.try_admit():
@@ -230,17 +238,27 @@ class Gateway:
                 admitted = True
                 await runtime.ensure_ready()  # 503 or 502 when it cannot start
                 record.wait_ms = (time.perf_counter() - queued) * 1000
+                if keepalive is not None:
+                    await keepalive.stop()
                 upstream = await self._open(runtime, scope, body)  # 502 or 504
             except ManagerError as exc:
                 record.status, record.error = exc.status, exc.message
+                if keepalive is not None:
+                    await keepalive.stop()
+                    if keepalive.started:  # the client already has a 200 and a stream
+                        await send(_error_event(exc.message, exc.kind, exc.status))
+                        return
                 await self._error(scope, receive, send, exc)
                 return
             answered = time.perf_counter()
+            started = keepalive is not None and keepalive.started
             try:
-                await self._pipe(upstream, send, record, began, own_time, answered)
+                await self._pipe(upstream, send, record, began, own_time, answered, started)
             finally:
                 upstream.release()
         finally:
+            if keepalive is not None:
+                await keepalive.stop()
             if admitted:
                 gate.release()
             if entered:
@@ -300,8 +318,12 @@ class Gateway:
         began: float,
         own_time: float,
         answered: float,
+        started: bool = False,
     ) -> None:
         record.status = upstream.status
+        if started:  # keep-alive comments went out: the answer is already a 200 stream
+            await self._pipe_into_stream(upstream, send, record)
+            return
         content_type = upstream.content_type
         sse = content_type.startswith(b"text/event-stream")
         scan_json = b"json" in content_type
@@ -346,9 +368,7 @@ class Gateway:
             record.status = 502
             record.error = f"model server failed mid-response: {exc!r}"
             if sse:
-                event = {"error": {"message": record.error, "type": "upstream_error", "code": 502}}
-                data = f"data: {json.dumps(event)}\n\n".encode()
-                await send({"type": "http.response.body", "body": data, "more_body": False})
+                await send(_error_event(record.error, "upstream_error", 502))
             else:
                 raise
         finally:
@@ -358,6 +378,86 @@ class Gateway:
                 _apply(record, from_json_bytes(b"".join(kept)))
         if record.ttfb_ms is None:
             record.ttfb_ms = (time.perf_counter() - began) * 1000
+
+    async def _pipe_into_stream(
+        self, upstream: Response, send: Send, record: RequestRecord
+    ) -> None:
+        """Relay the model's answer as the rest of an event stream already begun: an error
+        answer becomes an error event (the status line has gone out as 200)."""
+        if upstream.status >= 400 or not upstream.content_type.startswith(b"text/event-stream"):
+            parts = []
+            while chunk := await upstream.read():
+                parts.append(chunk)
+            text = b"".join(parts).decode("utf-8", "replace")[:2000]
+            await send(_error_event(text, "upstream_error", upstream.status))
+            return
+        scanner = SSEUsageScanner()
+        record.stream = True
+        try:
+            while chunk := await upstream.read():
+                last = upstream.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                scanner.feed(chunk)
+                if last:
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamError as exc:
+            record.status = 502
+            record.error = f"model server failed mid-response: {exc!r}"
+            await send(_error_event(record.error, "upstream_error", 502))
+        finally:
+            _apply(record, scanner.finish())
+
+
+def _error_event(message: str, kind: str, code: int) -> Message:
+    """The last message of an event stream that failed: OpenAI clients raise it."""
+    event = {"error": {"message": message, "type": kind, "code": code}}
+    data = f"data: {json.dumps(event)}\n\n".encode()
+    return {"type": "http.response.body", "body": data, "more_body": False}
+
+
+class _KeepAlive:
+    """While a streamed request waits for its model, an SSE comment every ``period``
+    seconds (OpenAI clients ignore comments), so that a long load does not trip the
+    client's or a proxy's timeout. The first comment commits the answer to a 200 event
+    stream; until then nothing is sent, so a model that is ready quickly answers as usual.
+    """
+
+    __slots__ = ("_name", "_period", "_send", "_task", "started")
+
+    def __init__(self, send: Send, period: float, name: str) -> None:
+        self._send = send
+        self._period = period
+        self._name = name
+        self.started = False
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        line = f": waiting for model {self._name}\n\n".encode()
+        while True:
+            await asyncio.sleep(self._period)
+            if not self.started:
+                self.started = True
+                await self._send(
+                    {"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS}
+                )
+            await self._send({"type": "http.response.body", "body": line, "more_body": True})
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # a send to a client that left failed: nothing more to do
+
+
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    _NO_BUFFERING,
+]
 
 
 def _apply(record: RequestRecord, usage: Usage) -> None:
