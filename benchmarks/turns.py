@@ -284,7 +284,8 @@ async def run_scenario(
             began = time.perf_counter()
             agents = (agent(http, base, sc, i, s.requests, began, rows) for i in range(sc.agents))
             try:
-                await asyncio.wait_for(asyncio.gather(*agents), s.limit)
+                async with asyncio.timeout(s.limit):
+                    await asyncio.gather(*agents)
             except TimeoutError:
                 timed_out = True
                 log(f"  {sc.name}: requests not done after {s.limit:g} s (--limit)")

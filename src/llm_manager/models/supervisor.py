@@ -201,7 +201,8 @@ class Supervisor:
 
     async def place(self, runtime: ModelRuntime) -> tuple[Fit, list[int]]:
         """Book room for a model, evicting others if needed, and waiting while the models
-        that must make room are busy (up to the model's queue_timeout). See design.md."""
+        that must make room are busy (up to the model's queue_timeout); see design.md
+        beside this file."""
         schemes = [(n, s.devices) for n, s in runtime.spec.schemes.items()]
         wait = self.turns.enter(runtime.name, runtime.spec.priority, runtime.queue_timeout)
         try:
