@@ -355,3 +355,13 @@ async def test_streamed_request_is_kept_alive_while_it_waits(
         finally:
             await ai.close()
         await mgr.post("/api/models/stop-all")
+
+
+async def test_pinned_models_too_big_for_probed_memory_are_warned_about_at_start(
+    tmp_path: Path, spawn_log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    command = fake_command("--spawn-log", str(spawn_log))
+    huge = {"pinned": True, "schemes": {"CPU": {"devices": {"cpu": 10**9}, "command": command}}}
+    async with running_manager(make_config(tmp_path, {"huge": huge})):
+        await wait_until(lambda: "can never be loaded together" in caplog.text)
+    assert "on this machine's devices: model 'huge', scheme 'CPU'" in caplog.text

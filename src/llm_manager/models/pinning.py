@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
-from llm_manager.config import Config
+from llm_manager.config import Config, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.static import StaticProvider
 from llm_manager.models import scheduler
@@ -22,28 +22,42 @@ MAX_COMBINATIONS = 4096
 
 
 def pinned_problems(config: Config) -> Iterator[tuple[tuple[str, ...], str]]:
-    """One problem (YAML path, message) when the pinned models cannot all fit at once."""
+    """One problem (YAML path, message) when the pinned models cannot all fit at once on
+    the declared devices."""
+    pinned = [name for name, spec in config.models.items() if spec.pinned]
     devices = list(StaticProvider(config.devices).probe().devices)
-    pinned = [(name, spec) for name, spec in config.models.items() if spec.pinned]
+    problem = pinned_conflict(config.models, devices)
+    if problem is not None:
+        yield (("models", pinned[-1], "pinned"), problem)
+
+
+def pinned_conflict(
+    models: Mapping[str, ModelConfig],
+    devices: Sequence[Device],
+    where: str = "the declared devices",
+) -> str | None:
+    """Why the pinned models can never be loaded together on ``devices`` (each with all
+    its memory free), or None. Device keys that match none of ``devices`` are not judged."""
+    pinned = [(name, spec) for name, spec in models.items() if spec.pinned]
     if not pinned or not devices:
-        return
+        return None
+    empty = [replace(d, memory_free=d.memory_total) for d in devices]
     options = [
-        [(scheme, _known(s.devices, devices)) for scheme, s in spec.schemes.items()]
+        [(scheme, _known(s.devices, empty)) for scheme, s in spec.schemes.items()]
         for _, spec in pinned
     ]
     first_failure: str | None = None
     for count, combo in enumerate(itertools.product(*options)):
         if count >= MAX_COMBINATIONS:
-            return  # too many to try: say nothing rather than guess
-        failure = _place_all([name for name, _ in pinned], combo, devices)
+            return None  # too many to try: say nothing rather than guess
+        failure = _place_all([name for name, _ in pinned], combo, empty)
         if failure is None:
-            return
+            return None
         first_failure = first_failure or failure
     names = ", ".join(name for name, _ in pinned)
-    yield (
-        ("models", pinned[-1][0], "pinned"),
-        f"the pinned models ({names}) can never be loaded together on the declared devices: "
-        f"{first_failure}. Unpin one or lower their memory.",
+    return (
+        f"the pinned models ({names}) can never be loaded together on {where}: "
+        f"{first_failure}. Unpin one or lower their memory."
     )
 
 

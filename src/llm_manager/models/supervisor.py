@@ -21,6 +21,7 @@ from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
+from llm_manager.models.pinning import pinned_conflict
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.registry import Registry
 from llm_manager.models.runstate import RunState
@@ -401,9 +402,15 @@ class Supervisor:
                 log.error("auto-start of %s failed: %s", runtime.name, result)
 
     async def _warn_unknown_devices(self) -> None:
-        """Name, once at start, the scheme device keys that match no device at all."""
+        """Name, once at start, the scheme device keys that match no device at all, and
+        pinned models that cannot all be loaded on the devices found."""
         snap = await self.monitor.snapshot()
         known = [d for r in snap.reports for d in r.devices]
+        conflict = pinned_conflict(
+            {r.name: r.spec for r in self.runtimes}, known, "this machine's devices"
+        )
+        if conflict is not None:
+            log.warning("%s", conflict)
         for runtime in self.runtimes:
             for scheme, spec in runtime.spec.schemes.items():
                 for key in spec.devices:
