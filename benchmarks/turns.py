@@ -19,15 +19,17 @@ its /health answers 503 that long) and a service time (a streamed chat answer of
 without the keys the old code does not know (server.queue_timeout, turn_time, turn_linger).
 
 Figures per scenario: answers by status and client errors; model starts (the increase of
-start_count over all models in /api/models/all-models/info; the fake servers' spawn log is
-checked against it); wall time from the first request sent to the last answer; the ideal
-time; each request's wait, taken by the client as the time to the first byte of its streamed
-answer (the fake server writes its first chunk at once, so this is the wait for the model's
-turn and start plus the relay), p50 and p95 of the answers with 200; and the server's mean
-wait from the llm_manager_queue_wait_seconds histogram (sum / count) where the code has it.
+start_count over all models in /api/models/all-models/info; the processes spawned, from the
+fake servers' spawn log, beside it); wall time from the first request sent to the last
+answer; the ideal time; each request's wait, taken by the client as the time to the first
+byte of its streamed answer (the fake server writes its first chunk at once, so this is the
+wait for the model's turn and start plus the relay; stream_keepalive is left off), p50, p95
+and max of the answers with 200; and the server's mean wait from the
+llm_manager_queue_wait_seconds histogram (sum / count) where the code has it.
 
 Ideal time: the best schedule that holds one model at a time, takes the models in cyclic
-order and in each model's phase serves at once the request of every agent waiting for it.
+order and in each model's phase serves every agent waiting for it at once (alt: one request
+each; stick: all R of them).
 With D = min(A, M) (the models agents start at), L the load time, S the service time:
   alt:    P = R + D - 1 phases, ideal = P * (L + S), P loads;
   stick:  P = D phases,         ideal = D * (L + R * S), D loads.

@@ -302,6 +302,9 @@ class ModelRuntime:
         try:
             try:
                 fit, gpu_indices = await self._placer.place(self)
+                # startup_timeout and the start time count from here: a wait for room
+                # (up to queue_timeout) is not part of starting.
+                began = time.monotonic()
                 self.scheme = fit.scheme
                 scheme = self.spec.schemes[fit.scheme]
                 port = self.spec.port or launch.free_port()
