@@ -27,6 +27,7 @@ from llm_manager.errors import (
     UpstreamTimeout,
 )
 from llm_manager.gateway import endpoints
+from llm_manager.gateway.model_field import read_fields, rename_model
 from llm_manager.gateway.upstream import (
     ConnectTimeout,
     Dropped,
@@ -155,7 +156,7 @@ class Gateway:
         kind = endpoints.kind_of(path)
         if kind is not None and scope["method"] != "POST":
             raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
-        name, payload = _model_name(scope, body)
+        name, named_in_body, stream = _model_name(scope, body)
         if name is None:
             if kind is None:
                 raise RouteNotFound(f"no route {path} and no model named in the request")
@@ -167,12 +168,11 @@ class Gateway:
             raise BadRequest(
                 f"model {runtime.name!r} is {article} {mode} model and does not serve {path}"
             )
-        if payload is not None and name != runtime.name:
+        if named_in_body and name != runtime.name:
             # Called by an alias or a prefix: engines that check the name (vLLM, SGLang)
-            # know the model by its configured name. Re-serialised only in this case.
-            payload["model"] = runtime.name
-            body = json.dumps(payload, ensure_ascii=False).encode()
-        return runtime, body, payload is not None and payload.get("stream") is True
+            # know the model by its configured name. Only those bytes change.
+            body = rename_model(body, runtime.name)
+        return runtime, body, stream
 
     # --- relaying ---------------------------------------------------------------------------
 
@@ -469,8 +469,9 @@ def _apply(record: RequestRecord, usage: Usage) -> None:
     record.predicted_n = usage.predicted_n
 
 
-def _model_name(scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    """``model`` from the JSON body (with the decoded body), else from ``?model=``.
+def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
+    """``model`` from the JSON body, else from ``?model=``; whether the body named it; and
+    whether the body asks for a stream.
 
     A ``model`` that is present but not a non-empty string is 400.
     """
@@ -481,27 +482,23 @@ def _model_name(scope: Scope, body: bytes) -> tuple[str | None, dict[str, Any] |
                 query_model = value
     stripped = body.lstrip()
     if not stripped:
-        return query_model, None
+        return query_model, False, False
     if stripped[:1] not in (b"{", b"["):
         if query_model is not None:
-            return query_model, None  # not JSON (a file upload): ?model= names the model
+            return query_model, False, False  # not JSON (a file upload): ?model= names it
         raise BadRequest("the request body is not JSON")
     try:
-        payload: object = json.loads(body)
-    except ValueError as exc:
+        fields = read_fields(body)
+    except BadRequest:
         if query_model is not None:
-            return query_model, None
-        raise BadRequest(f"invalid JSON in the request body: {exc}") from None
-    if not isinstance(payload, dict):
-        if query_model is not None:
-            return query_model, None
-        raise BadRequest("the request body must be a JSON object")
-    if "model" not in payload:
-        return query_model, None
-    name = payload["model"]
+            return query_model, False, False
+        raise
+    if not fields.has_model:
+        return query_model, False, fields.stream
+    name = fields.model
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("'model' must be a non-empty string")
-    return name, payload
+    return name, True, fields.stream
 
 
 class _DisconnectWatcher:

@@ -1,0 +1,156 @@
+"""The ``model`` (and ``stream``) of a JSON request body, read and renamed without
+re-serialising the body.
+
+Reading: msgspec decodes the body into a struct of just the two fields (unknown fields are
+checked for syntax and skipped, in C). Bodies msgspec refuses but the standard library
+accepts (lone surrogate escapes, ``NaN``) fall back to ``json.loads``; nesting too deep for
+either is a clear 400, never a RecursionError.
+
+Renaming (a request that names the model by an alias or a prefix): only the bytes of the
+top-level ``model`` string values change; every other byte reaches the engine as the
+client sent it (numbers such as ``1e400``, duplicate keys, escapes, spacing).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import msgspec
+
+from llm_manager.errors import BadRequest
+
+
+class _Fields(msgspec.Struct):
+    model: object = msgspec.UNSET
+    stream: object = None
+
+
+_DECODER = msgspec.json.Decoder(_Fields)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFields:
+    model: object  # the value of "model" (any JSON type); see has_model
+    has_model: bool  # whether the object has a "model" key at all
+    stream: bool  # "stream": true
+
+
+def read_fields(body: bytes) -> BodyFields:
+    """The ``model`` and ``stream`` of a body that starts like a JSON object or array.
+
+    Raises BadRequest for invalid JSON or a body that is not an object.
+    """
+    try:
+        fields = _DECODER.decode(body)
+    except msgspec.ValidationError:
+        raise BadRequest("the request body must be a JSON object") from None
+    except (msgspec.DecodeError, RecursionError):
+        return _read_fields_stdlib(body)
+    model = fields.model
+    return BodyFields(model, model is not msgspec.UNSET, fields.stream is True)
+
+
+def _read_fields_stdlib(body: bytes) -> BodyFields:
+    try:
+        payload: object = json.loads(body)
+    except RecursionError:
+        raise BadRequest("the request body's JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON in the request body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    has = "model" in payload
+    return BodyFields(payload.get("model"), has, payload.get("stream") is True)
+
+
+# The characters that shape a JSON text: string quotes and brackets.
+_STRUCTURE = re.compile(rb'["{}\[\]]')
+_SPACE = b" \t\r\n"
+
+
+def model_spans(body: bytes) -> list[tuple[int, int]]:
+    """Byte spans of every string value of a top-level ``model`` key, in a body that is
+    known to be a valid JSON object.
+
+    Strings are skipped with ``bytes.find`` (memchr speed) and the text between them with
+    one regular-expression search, so a 1 MiB chat history costs a few thousand steps,
+    not a million (measured: faster than decoding and re-encoding the body).
+    """
+    spans: list[tuple[int, int]] = []
+    search = _STRUCTURE.search
+    size = len(body)
+    depth = 0
+    pos = 0
+    colon_end = -1  # set while the last key seen was "model" (and its colon)
+    while (found := search(body, pos)) is not None:
+        at = found.start()
+        char = body[at]
+        if char != 0x22:  # a bracket
+            depth += 1 if char in (0x7B, 0x5B) else -1  # { [  or  } ]
+            colon_end = -1
+            pos = at + 1
+            continue
+        end = _string_end(body, at)
+        pos = end
+        if depth != 1:
+            continue
+        if colon_end >= 0:
+            after_colon, colon_end = colon_end, -1
+            if not body[after_colon:at].strip(_SPACE):
+                spans.append((at, end))  # the string right after "model":
+                continue
+        colon = end
+        while colon < size and body[colon] in _SPACE:
+            colon += 1
+        if colon < size and body[colon] == 0x3A and _is_model_key(body[at:end]):  # ':'
+            colon_end = colon + 1
+    return spans
+
+
+def _string_end(body: bytes, start: int) -> int:
+    """The index after the closing quote of the string opening at ``start``."""
+    at = start + 1
+    while True:
+        at = body.find(b'"', at)
+        if at < 0:
+            raise ValueError("unterminated string")  # not reached: the body was validated
+        slashes = 0
+        while body[at - 1 - slashes] == 0x5C:  # an escaped quote has an odd run of \\
+            slashes += 1
+        if not slashes % 2:
+            return at + 1
+        at += 1
+
+
+def _is_model_key(token: bytes) -> bool:
+    if token == b'"model"':
+        return True
+    if b"\\" not in token or len(token) > 64:
+        return False
+    try:
+        return bool(json.loads(token) == "model")
+    except ValueError:
+        return False
+
+
+def _next_non_space(body: bytes, at: int) -> int:
+    while at < len(body) and body[at] in _SPACE:
+        at += 1
+    return at
+
+
+def rename_model(body: bytes, name: str) -> bytes:
+    """The body with every top-level ``model`` string value replaced by ``name``."""
+    spans = model_spans(body)
+    if not spans:
+        return body
+    value = json.dumps(name).encode()
+    parts: list[bytes] = []
+    at = 0
+    for start, end in spans:
+        parts += (body[at:start], value)
+        at = end
+    parts.append(body[at:])
+    return b"".join(parts)

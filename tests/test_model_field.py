@@ -1,0 +1,130 @@
+"""The model field of request bodies: read by msgspec (with a standard-library fallback) and
+renamed by splicing bytes; property-tested against ``json.loads``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_manager.errors import BadRequest
+from llm_manager.gateway.model_field import model_spans, read_fields, rename_model
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _dump(pairs: list[tuple[str, Any]], ascii_only: bool, spaced: bool) -> bytes:
+    """A JSON object from key/value pairs, duplicates kept, in one of several spellings."""
+    sep = ", " if spaced else ","
+    colon = " : " if spaced else ":"
+    items = [
+        json.dumps(k, ensure_ascii=ascii_only) + colon + json.dumps(v, ensure_ascii=ascii_only)
+        for k, v in pairs
+    ]
+    return ("{" + ("\n " if spaced else "") + sep.join(items) + "}").encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.text(max_size=8), JSON_VALUES), max_size=6),
+    models=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
+    at=st.integers(min_value=0, max_value=6),
+    new=st.text(min_size=1, max_size=12),
+    ascii_only=st.booleans(),
+    spaced=st.booleans(),
+)
+def test_renaming_bytes_equals_renaming_the_decoded_object(
+    pairs: list[tuple[str, Any]],
+    models: list[str],
+    at: int,
+    new: str,
+    ascii_only: bool,
+    spaced: bool,
+) -> None:
+    pairs = [p for p in pairs if p[0] != "model"]
+    for i, name in enumerate(models):  # "model" once or more (duplicates: the last wins)
+        pairs.insert(min(at + i, len(pairs)), ("model", name))
+    body = _dump(pairs, ascii_only, spaced)
+    fields = read_fields(body)
+    assert fields.model == json.loads(body)["model"]
+    renamed = rename_model(body, new)
+    expected = json.loads(body)
+    expected["model"] = new
+    assert json.loads(renamed) == expected
+    # Every byte outside the model values is unchanged.
+    spans = model_spans(body)
+    assert len(spans) == len(models)
+    outside = b"".join(
+        body[a:b]
+        for a, b in zip(
+            [0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True
+        )
+    )
+    value = json.dumps(new).encode()
+    assert renamed == _join(outside, spans, body, value)
+
+
+def _join(outside: bytes, spans: list[tuple[int, int]], body: bytes, value: bytes) -> bytes:
+    out = []
+    at = 0
+    for start, end in spans:
+        out += (body[at:start], value)
+        at = end
+    out.append(body[at:])
+    return b"".join(out)
+
+
+def test_numbers_and_escapes_reach_the_engine_unchanged() -> None:
+    body = (
+        b'{"temperature": 1e400, "n": 12345678901234567890123, "model": "q", "x": "\\u00e9\\ud800"}'
+    )
+    renamed = rename_model(body, "qwen-7b")
+    assert renamed == body.replace(b'"q"', b'"qwen-7b"')
+    assert read_fields(body).model == "q"  # the lone surrogate: stdlib fallback
+
+
+def test_only_top_level_model_keys_are_renamed() -> None:
+    body = b'{"messages": [{"model": "inner"}], "meta": {"model": "x"}, "mod\\u0065l": "q"}'
+    assert rename_model(body, "new") == body.replace(b'"q"', b'"new"')
+
+
+def test_a_model_that_is_not_a_string_is_left_alone() -> None:
+    body = b'{"model": 5, "model": "a"}'
+    assert model_spans(body) == [(22, 25)]  # only "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"a":' * 3000 + b"1" + b"}" * 3000, "nested too deeply"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": "a",}', "invalid JSON"),
+        (b"{" * 100_000, "invalid JSON"),
+    ],
+)
+def test_bad_bodies_are_clear_400s(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        read_fields(body)
+
+
+def test_stream_flag() -> None:
+    assert read_fields(b'{"model": "a", "stream": true}').stream is True
+    assert read_fields(b'{"model": "a", "stream": "yes"}').stream is False
+    assert read_fields(b'{"stream": true}').has_model is False
+    assert read_fields(b'{"model": null}').has_model is True
