@@ -25,7 +25,7 @@ def fake(spawn_log: Path) -> dict[str, Any]:
         ("GET", "/health", True, Need.NOTHING),
         ("GET", "/", True, Need.NOTHING),
         ("GET", "/docs", True, Need.NOTHING),
-        ("OPTIONS", "/v1/chat/completions", False, Need.NOTHING),
+        ("OPTIONS", "/v1/chat/completions", False, Need.API_KEY),
         ("GET", "/v1/models", True, Need.API_KEY),
         ("POST", "/v1/chat/completions", False, Need.API_KEY),
         ("POST", "/rerank", False, Need.API_KEY),

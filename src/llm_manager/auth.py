@@ -1,6 +1,7 @@
 """API keys: who may call what (contract §2, §6).
 
-- ``/health``, ``/`` and the OpenAPI pages are open;
+- ``/health``, ``/`` and the OpenAPI pages are open (CORS preflights are answered by the
+  CORS layer in front, when CORS is on);
 - ``/v1/*`` and every forwarded path need one of ``api_keys`` (an admin key works too);
 - management writes (``POST``/``PUT``/``DELETE`` on ``/api/*``), ``/metrics`` and ``/ui``
   need one of ``admin_keys`` (or of ``api_keys`` when no admin key is set, so that setting
@@ -29,7 +30,9 @@ class Need(Enum):
 
 
 def required(method: str, path: str, management: bool) -> Need:
-    if path in OPEN_PATHS or path.startswith("/docs/") or method == "OPTIONS":
+    # OPTIONS is no exception: a CORS preflight is answered before this check when CORS
+    # is on (it carries no key), and any other OPTIONS is a request like the others.
+    if path in OPEN_PATHS or path.startswith("/docs/"):
         return Need.NOTHING
     if path == "/metrics" or path == "/ui" or path.startswith("/ui/"):
         return Need.ADMIN_KEY

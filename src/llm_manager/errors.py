@@ -31,6 +31,11 @@ class MethodNotAllowed(ManagerError):
     kind = "invalid_request_error"
 
 
+class Forbidden(ManagerError):
+    status = 403
+    kind = "permission_error"
+
+
 class RouteNotFound(ManagerError):
     status = 404
     kind = "not_found_error"

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 from llm_manager.errors import (
     BadRequest,
     BodyTooLarge,
+    Forbidden,
     ManagerError,
     MethodNotAllowed,
     RouteNotFound,
@@ -113,6 +114,11 @@ class Gateway:
         if scope["type"] != "http":
             return
         began = time.perf_counter()
+        if scope["method"] == "OPTIONS" and _is_preflight(scope["headers"]):
+            # CORS is off (the CORS layer answers preflights when it is on): a browser's
+            # preflight is refused here, never forwarded, and starts nothing.
+            await self._error(scope, receive, send, _PREFLIGHT_REFUSED)
+            return
         try:
             body = await self._read_body(scope, receive)
             runtime, body, stream = self._target(scope, body)
@@ -499,6 +505,15 @@ def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("'model' must be a non-empty string")
     return name, True, fields.stream
+
+
+_PREFLIGHT_REFUSED = Forbidden(
+    "cross-origin requests are not allowed: CORS is off (see server.cors_origins)"
+)
+
+
+def _is_preflight(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"access-control-request-method" for name, _ in headers)
 
 
 class _DisconnectWatcher:
