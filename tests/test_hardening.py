@@ -87,11 +87,11 @@ def test_json_usage_never_raises(body: bytes) -> None:
 def test_model_name_is_found_or_a_bad_request(body: bytes, query: bytes) -> None:
     scope = {"query_string": query}
     try:
-        name, payload = _model_name(scope, body)
+        name, named_in_body, stream = _model_name(scope, body)
     except BadRequest:
         return
     assert name is None or (isinstance(name, str) and name)
-    assert payload is None or isinstance(payload, dict)
+    assert isinstance(named_in_body, bool) and isinstance(stream, bool)
 
 
 async def test_random_requests_never_get_a_500(tmp_path: Path, spawn_log: Path) -> None:

@@ -38,6 +38,10 @@ def error_response(
 ) -> JSONResponse:
     if openai is None:
         openai = path == "/v1" or path.startswith("/v1/")
+    # A message may quote client input (a model name) holding lone surrogates, which
+    # cannot be encoded as UTF-8: replaced, so that the error itself never fails.
+    message = _encodable(message)
+    detail = None if detail is None else _encodable(detail)
     if openai:
         body: dict[str, object] = {
             "error": {
@@ -51,6 +55,14 @@ def error_response(
     else:
         body = {"success": False, "message": message, "error": detail or message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def from_error(path: str, exc: ManagerError, openai: bool | None = None) -> JSONResponse:

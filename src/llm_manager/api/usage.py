@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import datetime
 from typing import Any, Literal
@@ -20,6 +21,19 @@ TIME_HELP = "Unix seconds, ISO 8601 (2026-11-27T10:00), or a duration ago (24h, 
 def parse_time(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
+    seconds = _parse_time(value, name)
+    # Far past or future moments (0001-01-01, 1e300) and nan/inf are not times a record
+    # can have: a clear 400, never an overflow further down.
+    if not math.isfinite(seconds) or not _EARLIEST <= seconds <= _LATEST:
+        raise BadRequest(f"{name}: {value!r} is out of range ({TIME_HELP})")
+    return seconds
+
+
+_EARLIEST = 0.0  # 1970-01-01
+_LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def _parse_time(value: str, name: str) -> float:
     try:
         return float(value)
     except ValueError:
@@ -30,11 +44,11 @@ def parse_time(value: str | None, name: str) -> float | None:
         pass
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # a naive time is the server's local time
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
         raise BadRequest(f"{name}: {value!r} is not a time ({TIME_HELP})") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # a naive time is the server's local time
-    return moment.timestamp()
 
 
 def router(supervisor: Supervisor, store: UsageStore) -> APIRouter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from llm_manager.models.launch import UPSTREAM_HOST
 from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.usage import RequestRecord
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -127,6 +130,10 @@ class Gateway:
         except ManagerError as exc:
             await self._error(scope, receive, send, exc)
             return
+        except Exception as exc:  # a bug: still a clear, logged answer; serving goes on
+            log.exception("unexpected error reading %s %s", scope["method"], scope["path"])
+            await self._error(scope, receive, send, _internal(exc))
+            return
         await self._serve(runtime, scope, receive, send, body, began, stream)
 
     # --- request checks ---------------------------------------------------------------------
@@ -208,6 +215,13 @@ class Gateway:
             task.uncancel()  # the client left: waiting, queueing or generating stopped
             record.status = 499
             record.error = "client disconnected"
+        except Exception as exc:  # a bug: still a clear, logged answer; serving goes on
+            log.exception("unexpected error relaying %s %s", scope["method"], scope["path"])
+            record.error = f"internal error: {exc!r}"
+            if record.status:
+                raise  # the answer has begun: the connection is closed, as on any cut
+            record.status = 500
+            await self._error(scope, receive, send, _internal(exc))
         finally:
             handle.cancel()
             watcher.stop()
@@ -505,6 +519,10 @@ def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("'model' must be a non-empty string")
     return name, True, fields.stream
+
+
+def _internal(exc: Exception) -> ManagerError:
+    return ManagerError("internal error", f"{type(exc).__name__}; the manager's log has more")
 
 
 _PREFLIGHT_REFUSED = Forbidden(
