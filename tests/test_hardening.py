@@ -290,3 +290,26 @@ async def test_model_crashing_during_health_check_and_closing_early(
         await asyncio.sleep(0)
         assert os.getpid()  # the manager (this process) is fine
         assert (await mgr.get("/health"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'data: {"usage": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n\n",
+        b'data: {"usage": {"prompt_tokens": ' + b"9" * 400 + b"}}\n\n",
+        b'data: {"usage": {"prompt_tokens": 1e400, "completion_tokens": -5}}\n\n',
+        b'data: {"response": ' * 3000 + b'{"usage": {}}' + b"}" * 3000 + b"\n\n",
+        b'data: {"timings": {"predicted_n": 1e308}}\n\n',
+    ],
+)
+def test_pathological_usage_events_never_raise(event: bytes) -> None:
+    scanner = SSEUsageScanner()
+    scanner.feed(b'data: {"x": 1}\n\n' + event)
+    scanner.feed(b'data: {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n\n')
+    assert scanner.finish() == Usage(3, 4)  # the good event still counts
+    body = event[len(b"data: ") :].strip()
+    usage = from_json_bytes(body)
+    assert all(
+        v is None or 0 <= v <= 1 << 53
+        for v in (usage.prompt_tokens, usage.completion_tokens, usage.predicted_n)
+    )

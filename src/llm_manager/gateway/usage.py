@@ -50,26 +50,31 @@ class Usage:
         return all(getattr(self, f) is None for f in _FIELD_NAMES)
 
 
+# A token count outside this range is not one (and would not fit SQLite's INTEGER).
+_MAX_COUNT = 1 << 53
+
+
 def _int(value: object) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= _MAX_COUNT:
+        return value
     return None
 
 
-def from_object(obj: object) -> Usage:
+def from_object(obj: object, nested: bool = True) -> Usage:
     """Usage from one decoded JSON object (a whole response or one SSE event)."""
     usage = Usage()
     if not isinstance(obj, dict):
         return usage
-    # Responses API and Anthropic's message_start nest the object that holds usage.
-    for key in ("response", "message"):
+    # Responses API and Anthropic's message_start nest the object that holds usage (one
+    # level: a deeper nesting is no known shape, and must not recurse without end).
+    for key in ("response", "message") if nested else ():
         inner = obj.get(key)
         if isinstance(inner, dict) and ("usage" in inner or "timings" in inner):
-            usage.merge(from_object(inner))
+            usage.merge(from_object(inner, nested=False))
     raw = obj.get("usage")
     if isinstance(raw, dict):
         prompt = _int(raw.get("prompt_tokens"))
@@ -120,7 +125,7 @@ def from_json_bytes(body: bytes) -> Usage:
             at = body.rfind(marker, 0, at)
     if usage.empty and body.lstrip()[:1] == b"{":
         # Nested shapes (Anthropic message, Responses) are rare when not streamed; parse.
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             usage = from_object(json.loads(body))
     return usage
 
@@ -140,7 +145,7 @@ def _value_after(body: bytes, pos: int) -> Any:
     try:
         text = body[pos:].decode("utf-8", errors="replace")
         value, _ = _DECODER.raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value
 
@@ -213,6 +218,6 @@ class SSEUsageScanner:
             return
         try:
             obj = json.loads(line[5:])
-        except ValueError:
+        except (ValueError, RecursionError):  # too deep: not a usage event we know
             return
         self.usage.merge(from_object(obj))
