@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Final
+from urllib.parse import unquote_to_bytes
 
 CHAT: Final = "chat"
 COMPLETION: Final = "completion"
@@ -35,3 +36,18 @@ def kind_of(path: str) -> str | None:
 
 def allowed(mode: str, kind: str | None) -> bool:
     return kind is None or kind in _ALLOWED[mode]
+
+
+def ambiguous_path(raw_path: bytes) -> bool:
+    """Whether a path could mean another path to a model server than it does here.
+
+    The mode gate judges the decoded path while the engine gets the raw one: dot segments,
+    empty segments and encoded slashes or backslashes are what servers normalise
+    differently, so such a path is refused rather than guessed at.
+    """
+    if b"%" not in raw_path and b"/." not in raw_path and b"//" not in raw_path:
+        return b"\\" in raw_path
+    lowered = raw_path.lower()
+    if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw_path or b"//" in raw_path:
+        return True
+    return any(unquote_to_bytes(part) in (b".", b"..") for part in raw_path.split(b"/"))

@@ -69,6 +69,9 @@ _HOP_BY_HOP = frozenset(
 _DROP_REQUEST = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
 _IDENTITY = (b"accept-encoding", b"identity")  # relay bytes as they are, scannable for usage
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
+# 204 and 304 have no body: a Content-Length there (allowed for 304) would make the ASGI
+# server wait for bytes that never come.
+_DROP_BODILESS = _DROP_RESPONSE | {b"content-length"}
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
 _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
 WATCH_AFTER = 0.05  # seconds before a running request starts watching for its client leaving
@@ -166,6 +169,11 @@ class Gateway:
         """The model a request is for, the body to send it, and whether it asks for a
         stream."""
         path: str = scope["path"]
+        if endpoints.ambiguous_path(scope["raw_path"]):
+            raise BadRequest(
+                "the path has dot segments, empty segments or encoded slashes; "
+                "send the plain path (for example /v1/chat/completions)"
+            )
         kind = endpoints.kind_of(path)
         if kind is not None and scope["method"] != "POST":
             raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
@@ -202,19 +210,21 @@ class Gateway:
         record = RequestRecord(runtime.name, scope["path"], scope["method"])
         task = asyncio.current_task()
         assert task is not None
-        watcher = _DisconnectWatcher(receive, task)
+        loop = asyncio.get_running_loop()
+        watcher = _DisconnectWatcher(receive, task, send, loop, self._settings.read_timeout)
+        send = watcher.send
         # Most answers come back quickly: only a request still running after a moment gets
         # a task that watches for its client leaving (a task per request costs ~25% CPU).
-        handle = asyncio.get_running_loop().call_later(WATCH_AFTER, watcher.start)
+        handle = loop.call_later(WATCH_AFTER, watcher.start)
         runtime.acquire()
         try:
             await self._relay(runtime, scope, receive, send, body, record, began, stream)
         except asyncio.CancelledError:
-            if not watcher.fired:
+            if watcher.fired is None:
                 raise
             task.uncancel()  # the client left: waiting, queueing or generating stopped
             record.status = 499
-            record.error = "client disconnected"
+            record.error = watcher.fired
         except Exception as exc:  # a bug: still a clear, logged answer; serving goes on
             log.exception("unexpected error relaying %s %s", scope["method"], scope["path"])
             record.error = f"internal error: {exc!r}"
@@ -312,12 +322,17 @@ class Gateway:
             try:
                 return await request()
             except Dropped as exc:
-                if not exc.reused:
-                    raise
-                # The engine closed a pooled keep-alive connection (llama.cpp does, after its
-                # keep-alive timeout and after some streams). Nothing reached the client yet:
-                # try once more on a connection that is certainly new.
-                return await request(fresh=True)
+                # The retry rule (upstream.py): again only what certainly did not reach the
+                # engine, or an idempotent request that met a reused connection closed before
+                # any byte of the answer. A POST the engine may have read is never sent twice.
+                if exc.may_retry(method, headers):
+                    return await request(fresh=True)  # certainly a new connection
+                if exc.reused:
+                    raise UpstreamFailed(
+                        f"the model server failed: {exc}; not sent again: the model server "
+                        f"may have read this {method} request"
+                    ) from None
+                raise
         except ConnectTimeout:
             raise UpstreamFailed(
                 f"cannot connect to the model server within "
@@ -349,10 +364,16 @@ class Gateway:
         scan_json = b"json" in content_type
         record.stream = sse
         headers = []
+        drop = _DROP_BODILESS if upstream.status in (204, 304) else _DROP_RESPONSE
+        named: bytes | None = None  # the Connection header's value, if any
         for name, value in upstream.headers:
             name = name.lower()
-            if name not in _DROP_RESPONSE:
+            if name not in drop:
                 headers.append((name, value))
+            elif name == b"connection":
+                named = value
+        if named is not None:
+            headers = without_connection_named(headers, named)
         headers.append(_NO_BUFFERING)
         # The gateway's own time before the answer starts: its checks, plus the turnaround
         # of the model's headers (waits for a queue slot or a start are not counted).
@@ -521,6 +542,16 @@ def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
     return name, True, fields.stream
 
 
+def without_connection_named(
+    headers: list[tuple[bytes, bytes]], connection: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The headers less those that ``Connection`` names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    named = {token.strip().lower() for token in connection.split(b",")} - {b""}
+    if not named - _HOP_BY_HOP:
+        return headers  # keep-alive, close: already dropped
+    return [item for item in headers if item[0].lower() not in named]
+
+
 def _internal(exc: Exception) -> ManagerError:
     return ManagerError("internal error", f"{type(exc).__name__}; the manager's log has more")
 
@@ -535,27 +566,74 @@ def _is_preflight(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class _DisconnectWatcher:
-    """Cancels a request's task when its client disconnects (once the body is read)."""
+    """Cancels a request's task when its client disconnects (once the body is read), or
+    when a send to it has been blocked for ``limit`` seconds: a client that stops reading
+    would otherwise hold its model's concurrency slot for ever. ``fired`` says why."""
 
-    __slots__ = ("_receive", "_target", "_task", "fired")
+    __slots__ = (
+        "_limit",
+        "_loop",
+        "_receive",
+        "_send",
+        "_target",
+        "_task",
+        "_timer",
+        "fired",
+        "sending_since",
+    )
 
-    def __init__(self, receive: Receive, target: asyncio.Task[Any]) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        target: asyncio.Task[Any],
+        send: Send,
+        loop: asyncio.AbstractEventLoop,
+        limit: float,
+    ) -> None:
         self._receive = receive
         self._target = target
+        self._send = send
+        self._loop = loop
+        self._limit = limit
         self._task: asyncio.Task[None] | None = None
-        self.fired = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.fired: str | None = None
+        self.sending_since = 0.0  # when the send in progress began; 0 when none is
+
+    async def send(self, message: Message) -> None:
+        self.sending_since = self._loop.time()
+        await self._send(message)
+        self.sending_since = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch())
+        # One timer per period, not one per send: a token stream sends once per token.
+        self._timer = self._loop.call_later(self._limit, self._check_send)
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check_send(self) -> None:
+        since = self.sending_since
+        now = self._loop.time()
+        if since and now - since >= self._limit:
+            self._cancel(f"the client took no data for {self._limit:g} s (read_timeout)")
+            return
+        self._timer = self._loop.call_later(
+            (since + self._limit - now) if since else self._limit, self._check_send
+        )
 
     async def _watch(self) -> None:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                self.fired = True
-                self._target.cancel()
+                self._cancel("client disconnected")
                 return
+
+    def _cancel(self, why: str) -> None:
+        if self.fired is None:
+            self.fired = why
+            self._target.cancel()
