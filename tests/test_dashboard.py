@@ -281,3 +281,48 @@ async def test_page_survives_a_manager_restart(tmp_path: Path, spawn_log: Path) 
         if manager.poll() is None:
             manager.terminate()
             manager.wait(30)
+
+
+async def test_dashboard_shows_the_queue(tmp_path: Path, spawn_log: Path) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api")
+    expect = playwright_api.expect
+    slow = fake_command("--spawn-log", str(spawn_log), "--chunks", "60", "--chunk-delay", "0.1")
+    quick = fake_command("--spawn-log", str(spawn_log))
+    gpu = [{"name": "test gpu", "kind": "cuda", "memory_total_mib": 8000}]
+    models = {
+        "big-a": {"schemes": {"GPU": {"devices": {"gpu": 6000}, "command": slow}}},
+        "big-b": {"schemes": {"GPU": {"devices": {"gpu": 6000}, "command": quick}}},
+    }
+    loaded = make_config(tmp_path, models, devices=gpu, turn_time="2m")
+    async with running_manager(loaded) as mgr, playwright_api.async_playwright() as pw:
+
+        async def stream_a() -> tuple[int, str]:
+            body = {"model": "big-a", "messages": [], "stream": True}
+            async with mgr.http.post(mgr.url + "/v1/chat/completions", json=body) as resp:
+                return resp.status, await resp.text()
+
+        holder = asyncio.create_task(stream_a())
+        a = mgr.supervisor.resolve("big-a")
+        while a.admitted == 0:
+            await asyncio.sleep(0.02)
+        waiter = asyncio.create_task(
+            mgr.post("/v1/chat/completions", json={"model": "big-b", "messages": []})
+        )
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 500})
+            await page.goto(mgr.url + "/ui")
+            row_b = page.locator("#models tbody tr[data-model=big-b]")
+            row_a = page.locator("#models tbody tr[data-model=big-a]")
+            await expect(row_b.locator(".queue")).to_have_text("waiting for room: big-a")
+            await expect(row_b).to_contain_text("(1 waiting)")
+            await expect(row_a.locator(".queue")).to_contain_text("another model waits")
+            await expect(page.locator("#summary")).to_contain_text("1 waiting")
+            await _shot(page, "queue")
+        finally:
+            await browser.close()
+        # The wait resolves: a finishes its stream, is swapped out, b answers.
+        assert (await holder)[0] == 200 and (await waiter)[0] == 200
+        await mgr.post("/api/models/stop-all")
