@@ -36,6 +36,7 @@ from llm_manager.store.db import Database
 from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import RequestRecord, UsageStore
 from llm_manager.web import serve as web
+from llm_manager.web_guard import WebGuard
 
 
 class Application:
@@ -82,7 +83,8 @@ class Application:
                 max_body_bytes=server.max_body_bytes,
                 connect_timeout=server.connect_timeout,
                 read_timeout=server.read_timeout,
-                strip_keys=bool(server.api_keys),
+                # LLM-Manager's own keys (either kind) are never the model server's.
+                strip_keys=bool(server.api_keys or server.admin_keys),
                 stream_keepalive=server.stream_keepalive,
             ),
             upstream=self.upstream,
@@ -91,7 +93,8 @@ class Application:
         )
         self.management = self._build_management(Messages(server.language))
         keys = KeyCheck(server.api_keys, server.admin_keys)
-        dispatcher = Dispatcher(self.management, self.gateway, keys, _deny)
+        guard = WebGuard.from_server(server)  # Host and Origin: docs/security.md
+        dispatcher = Dispatcher(self.management, self.gateway, keys, _deny, guard)
         self.asgi: Any = dispatcher
         if server.cors_origins:
             self.asgi = CORSMiddleware(

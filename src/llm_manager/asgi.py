@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from llm_manager.api.errors import error_response
 from llm_manager.auth import KeyCheck, presented, required
 from llm_manager.gateway.forward import Receive, Scope, Send
+from llm_manager.web_guard import READ_METHODS, Refusal, WebGuard
 
 _EXACT = frozenset(
     {"/", "/health", "/v1/models", "/openapi.json", "/docs", "/redoc", "/metrics", "/ui"}
@@ -21,9 +23,26 @@ def is_management(path: str) -> bool:
     return path in _EXACT or path.startswith(_PREFIXES)
 
 
+async def refuse(
+    scope: Scope, receive: Receive, send: Send, management: bool, refusal: Refusal
+) -> None:
+    """403 for a request the web guard refuses, in the envelope of its path (OpenAI's for
+    forwarded requests and /v1/*, the management API's for the rest), as the 401 of a
+    missing key is."""
+    response = error_response(
+        scope["path"],
+        403,
+        refusal.message,
+        refusal.detail,
+        kind="permission_error",
+        openai=None if management else True,
+    )
+    await response(scope, receive, send)
+
+
 class Dispatcher:
-    """Checks the API key, then routes: management paths to FastAPI, the rest to the
-    gateway. Holds no state of its own."""
+    """Checks Host and Origin (``guard``, see web_guard.py) and the API key, then routes:
+    management paths to FastAPI, the rest to the gateway. Holds no state of its own."""
 
     def __init__(
         self,
@@ -31,16 +50,27 @@ class Dispatcher:
         gateway: object,
         keys: KeyCheck,
         deny: Callable[[Scope, Receive, Send, bool], Awaitable[None]],
+        guard: WebGuard | None = None,
+        refuse: Callable[[Scope, Receive, Send, bool, Refusal], Awaitable[None]] = refuse,
     ) -> None:
         self._management = management
         self._gateway = gateway
         self._keys = keys
         self._deny = deny
+        self._guard = guard
+        self._refuse = refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             management = is_management(path)
+            if self._guard is not None:
+                # Forwarded requests run a model; management writes change state.
+                writes = not management or scope["method"] not in READ_METHODS
+                refusal = self._guard.check(scope["headers"], writes)
+                if refusal is not None:
+                    await self._refuse(scope, receive, send, management, refusal)
+                    return
             if self._keys.enabled:
                 need = required(scope["method"], path, management)
                 if not self._keys.allows(need, presented(scope["headers"])):

@@ -104,6 +104,28 @@ class ServerConfig(_Strict):
         default_factory=list,
         description="Origins allowed to call the API from a browser (CORS); empty = off.",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers to besides loopback names and "
+        "server.host (a LAN name, a proxy's public name); '*.lan' for subdomains, '*' for "
+        "any. Other Host headers get 403 (docs/security.md).",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        from llm_manager.web_guard import normalize_host_entry  # standard library only
+
+        names, problems = [], []
+        for entry in value:
+            try:
+                names.append(normalize_host_entry(entry))
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return names
+
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."
     )

@@ -22,6 +22,7 @@ from llm_manager.cli.importer import import_config
 from llm_manager.cli.llama import llama_server
 from llm_manager.cli.quickstart import quickstart_model
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
+from llm_manager.web_guard import startup_warnings
 
 if TYPE_CHECKING:
     from llm_manager.server import EarlySignals
@@ -84,10 +85,8 @@ def serve(
     if changes:
         loaded = settings.with_server(loaded, **changes)
     server = loaded.config.server
-    if server.host not in ("127.0.0.1", "localhost", "::1") and not server.api_keys:
-        log.warning(
-            "binding to %s with no api_keys: anyone who can reach it can use it", server.host
-        )
+    for warning in startup_warnings(server):  # who else can reach it: docs/security.md
+        log.warning("%s", warning)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             code = runner.run(_run(loaded, log_level, early, changes, watch))
