@@ -207,7 +207,7 @@ class Gateway:
         began: float,
         stream: bool,
     ) -> None:
-        record = RequestRecord(runtime.name, scope["path"], scope["method"])
+        record = RequestRecord(runtime.name, scope["path"], scope["method"], stream=stream)
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -255,6 +255,7 @@ class Gateway:
         queued = time.perf_counter()
         own_time = queued - began  # reading, checking: the gateway's own work
         entered = admitted = False
+        stops = -1
         keepalive: _KeepAlive | None = None
         period = self._settings.stream_keepalive
         if period and stream and (runtime.state is not State.ROUTING or runtime.turn_ends):
@@ -268,10 +269,13 @@ class Gateway:
                 admitted = True
                 await runtime.ensure_ready()  # 503 or 502 when it cannot start
                 record.wait_ms = (time.perf_counter() - queued) * 1000
+                stops = runtime.stops  # a stop from now on cuts this request: say so
                 if keepalive is not None:
                     await keepalive.stop()
                 upstream = await self._open(runtime, scope, body)  # 502 or 504
             except ManagerError as exc:
+                if isinstance(exc, UpstreamFailed) and runtime.stops != stops:
+                    exc = UpstreamFailed(_stopped_while_answering(runtime))
                 record.status, record.error = exc.status, exc.message
                 if keepalive is not None:
                     await keepalive.stop()
@@ -283,7 +287,14 @@ class Gateway:
             answered = time.perf_counter()
             started = keepalive is not None and keepalive.started
             try:
-                await self._pipe(upstream, send, record, began, own_time, answered, started)
+                try:
+                    await self._pipe(upstream, send, record, began, own_time, answered, started)
+                except UpstreamError:
+                    if runtime.stops == stops:
+                        raise
+                    # Cut by a stop, an eviction or the manager's shutdown: the record
+                    # says so (an event stream's error event already did).
+                    record.error = _stopped_while_answering(runtime)
             finally:
                 upstream.release()
         finally:
@@ -362,7 +373,8 @@ class Gateway:
         content_type = upstream.content_type
         sse = content_type.startswith(b"text/event-stream")
         scan_json = b"json" in content_type
-        record.stream = sse
+        record.stream = sse or record.stream  # asked for, or answered as, a stream
+        failing = upstream.status >= 400  # the engine's own error: its words go in the record
         headers = []
         drop = _DROP_BODILESS if upstream.status in (204, 304) else _DROP_RESPONSE
         named: bytes | None = None  # the Connection header's value, if any
@@ -398,7 +410,7 @@ class Gateway:
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if scanner is not None:
                     scanner.feed(chunk)
-                elif scan_json and kept_size <= _JSON_SCAN_LIMIT:
+                elif (scan_json or failing) and kept_size <= _JSON_SCAN_LIMIT:
                     kept.append(chunk)
                     kept_size += len(chunk)
                 if last:
@@ -407,7 +419,7 @@ class Gateway:
             # Headers are out: the status cannot change. An event stream gets an error
             # event (OpenAI clients raise it); other bodies are cut short.
             record.status = 502
-            record.error = f"model server failed mid-response: {exc!r}"
+            record.error = self._cut_message(record.model, exc)
             if sse:
                 await send(_error_event(record.error, "upstream_error", 502))
             else:
@@ -416,9 +428,25 @@ class Gateway:
             if scanner is not None:
                 _apply(record, scanner.finish())
             elif kept and kept_size <= _JSON_SCAN_LIMIT:
-                _apply(record, from_json_bytes(b"".join(kept)))
+                whole = b"".join(kept)
+                if scan_json:
+                    _apply(record, from_json_bytes(whole))
+                if failing and not record.error:
+                    text = whole[:2000].decode("utf-8", "replace").strip()[:500]
+                    record.error = f"the model server answered {upstream.status}: {text}"
         if record.ttfb_ms is None:
             record.ttfb_ms = (time.perf_counter() - began) * 1000
+
+    def _cut_message(self, model: str, exc: UpstreamError) -> str:
+        """Why an answer broke off: the stop that cut it when the model was stopped (stop,
+        eviction, shutdown), else what the connection did."""
+        try:
+            runtime = self._supervisor.resolve(model)
+        except ManagerError:
+            runtime = None
+        if runtime is not None and runtime.state in _STOPPED_OR_STOPPING:
+            return _stopped_while_answering(runtime)
+        return f"model server failed mid-response: {exc!r}"
 
     async def _pipe_into_stream(
         self, upstream: Response, send: Send, record: RequestRecord
@@ -444,7 +472,7 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError as exc:
             record.status = 502
-            record.error = f"model server failed mid-response: {exc!r}"
+            record.error = self._cut_message(record.model, exc)
             await send(_error_event(record.error, "upstream_error", 502))
         finally:
             _apply(record, scanner.finish())
@@ -550,6 +578,14 @@ def without_connection_named(
     if not named - _HOP_BY_HOP:
         return headers  # keep-alive, close: already dropped
     return [item for item in headers if item[0].lower() not in named]
+
+
+_STOPPED_OR_STOPPING = frozenset({State.STOPPING, State.STOPPED})
+
+
+def _stopped_while_answering(runtime: ModelRuntime) -> str:
+    why = runtime.stop_reason or "stopped"
+    return f"model {runtime.name!r} was stopped while answering ({why})"
 
 
 def _internal(exc: Exception) -> ManagerError:

@@ -27,9 +27,9 @@ class RunState:
         self._path = data_dir / "run" / "processes.json"
         self._records: dict[str, dict[str, object]] = {}
 
-    def cleanup_previous(self) -> list[int]:
-        """Kill what an earlier run left; returns the PIDs killed."""
-        killed: list[int] = []
+    def cleanup_previous(self) -> list[tuple[str, int]]:
+        """Kill what an earlier run left; returns the (model, PID) killed."""
+        killed: list[tuple[str, int]] = []
         try:
             records = json.loads(self._path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -47,7 +47,7 @@ class RunState:
             log.warning("killing model %s (pid %s) left by an earlier run", model, pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-            killed.append(pid)
+            killed.append((str(model), pid))
         self._records = {}
         self._write()
         return killed

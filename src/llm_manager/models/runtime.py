@@ -105,6 +105,10 @@ class ModelRuntime:
         self.waiting_for: tuple[str, ...] = ()  # models a start waits for (room)
         self._start_waiters = 0
         self.ready_at: float | None = None  # when it last became routing
+        # Why the latest stop began, and how many stops have begun: a request that sees the
+        # count change while it runs was cut by that stop, and can tell its client why.
+        self.stop_reason: str | None = None
+        self.stops = 0
         self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
         self._next_spec: ModelConfig | None = None  # a changed definition, applied when idle
         self.start_count = 0
@@ -405,6 +409,8 @@ class ModelRuntime:
             self.log.unsubscribe(output)
 
     async def _stop(self, reason: str) -> bool:
+        self.stops += 1
+        self.stop_reason = reason
         try:
             start = self._start_task
             if start is not None:

@@ -153,6 +153,13 @@ class Supervisor:
         killed = self._runstate.cleanup_previous()
         if killed:
             log.warning("killed %d model process(es) left by an earlier run", len(killed))
+        for name, pid in killed:
+            runtime = self.registry.get(name)
+            if runtime is not None:  # in its own log too: why its earlier process vanished
+                runtime.log.event(
+                    f"the manager's earlier run ended without stopping this model; "
+                    f"its process {pid} was killed at this start"
+                )
         await self._reaper.start()
         self._spawn(self._warn_unknown_devices(), "device check")
         self._spawn(self._idle_loop(), "idle unload")
