@@ -83,7 +83,10 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    keepalive_requests 100000000;"""
+    keepalive_requests 100000000;
+    # The bodies group's 1 MiB chat histories: accepted, and kept in memory, not in a file.
+    client_max_body_size 64m;
+    client_body_buffer_size 2m;"""
 
 NGINX_CONF = (
     NGINX_PREAMBLE
@@ -132,7 +135,7 @@ def serve_aiohttp(kind: str, port: int, chunks: int) -> None:
         await resp.write(body)
         return resp
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 << 20)  # the bodies group sends 1 MiB
     app.router.add_route("*", "/{tail:.*}", answer)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
+import random
 import re
 import signal
 import statistics
@@ -55,12 +57,82 @@ def chat_request(
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
     if stream:
         body["stream"] = True
+    return _chat_post(base, json.dumps(body).encode(), headers, stream)
+
+
+def _chat_post(base: str, body: bytes, headers: dict[str, str], stream: bool = False) -> Request:
     return Request(
-        base + "/v1/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json", **headers},
-        stream,
+        base + "/v1/chat/completions", body, {"Content-Type": "application/json", **headers}, stream
     )
+
+
+# --------------------------------------------------------------------------- large bodies
+
+_VOCABULARY = (
+    "the a of to and in is that for it with as on be this are by or from at an which model "
+    "request answer server token context window cache latency memory process thread queue "
+    "function value error result file line test build change config user client system data "
+    "should would could because when then there their these those about after before while "
+    "measure relay engine proxy stream record header body field string number list table "
+    "first second last next other same different small large fast slow simple clear"
+)
+_WORDS = _VOCABULARY.split()
+_ODD = ("café", "naïve", "“quoted”", "—", "→", "ü", "日本語", "🙂")  # sent as \u escapes
+_CODE = (
+    "\n\n```python\ndef handler(request):\n    body = json.loads(request.body)\n"
+    '    path = "C:\\\\models\\\\" + body["model"]\n'
+    '    return {"model": body["model"], "path": path, "ok": True}\n```\n\n'
+)
+
+
+def _prose(rng: random.Random, length: int, odd: bool = True) -> str:
+    """At least ``length`` characters of sentences and paragraphs; ``odd``: a tenth of the
+    sentences with a non-ASCII word."""
+    parts: list[str] = []
+    size = 0
+    while size < length:
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 24))]
+        if odd and rng.random() < 0.1:
+            words.insert(rng.randrange(len(words)), rng.choice(_ODD))
+        sentence = " ".join(words).capitalize() + rng.choice((". ", ". ", "? ", ".\n\n"))
+        parts.append(sentence)
+        size += len(sentence)
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def chat_history(size: int) -> tuple[dict[str, str], ...]:
+    """A chat history of user and assistant turns whose JSON is a little under ``size``
+    bytes: a system prompt, then messages of 200-4,000 characters of prose, a fifth of the
+    assistant's with a code block (quotes, newlines, backslashes), a tenth of the sentences
+    with a non-ASCII word (``\\u`` escapes in the JSON). The same for the same size."""
+    rng = random.Random(size)
+    messages = [{"role": "system", "content": "You are a helpful assistant. " + _prose(rng, 400)}]
+    total = len(json.dumps(messages))
+    while True:
+        role = "user" if len(messages) % 2 else "assistant"
+        content = _prose(rng, rng.randint(200, 4000))
+        if role == "assistant" and rng.random() < 0.2:
+            content += _CODE + _prose(rng, 300)
+        message = {"role": role, "content": content}
+        grown = total + 2 + len(json.dumps(message))
+        if grown > size - 512:
+            return tuple(messages)
+        messages.append(message)
+        total = grown
+
+
+def history_request(base: str, model: str, headers: dict[str, str], size: int) -> Request:
+    """A non-streamed chat completion whose body is exactly ``size`` bytes: ``chat_history``
+    and a last user message of ASCII prose cut to fit. The model comes after the messages,
+    in the order OpenAI's Python SDK writes them."""
+    messages = [*chat_history(size), {"role": "user", "content": ""}]
+    room = size - len(json.dumps({"messages": messages, "model": model}))
+    messages[-1]["content"] = _prose(random.Random(room), room, odd=False).replace("\n", " ")[:room]
+    body = json.dumps({"messages": messages, "model": model}).encode()
+    if len(body) != size:
+        raise ValueError(f"chat history of {len(body)} bytes, not {size}")
+    return _chat_post(base, body, headers)
 
 
 # --------------------------------------------------------------------------- wrk

@@ -200,6 +200,21 @@ async def start_manager(
     raise RuntimeError("LLM-Manager did not start:\n" + tail(log))
 
 
+def manager_env(src: Path | None) -> dict[str, str]:
+    """The environment that serves LLM-Manager from the checkout ``src`` (its ``src/``
+    folder): ``PYTHONPATH``, checked by importing ``llm_manager`` with it. None: this one."""
+    if src is None:
+        return {}
+    src = src.resolve()
+    env = {"PYTHONPATH": str(src)}
+    argv = [sys.executable, "-c", "import llm_manager; print(llm_manager.__file__)"]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+    found = Path(done.stdout.strip() or ".").resolve()
+    if done.returncode != 0 or not found.is_relative_to(src):
+        raise RuntimeError(f"llm_manager imports from {found}, not {src}:\n{done.stderr}")
+    return env
+
+
 NGINX_PROXY = (
     NGINX_PREAMBLE
     + """
@@ -304,15 +319,18 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def _git_commit() -> str | None:
-    head = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+def _git_commit(src: Path) -> str | None:
+    """The commit of the checkout whose ``src`` folder is served, and whether it is changed."""
+    head = _first_line(["git", "-C", str(src), "rev-parse", "--short", "HEAD"])
     if head is None:
         return None
-    dirty = _first_line(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"])
+    dirty = _first_line(["git", "-C", str(src), "status", "--porcelain", "--", "."])
     return head + (" + uncommitted changes in src/" if dirty else "")
 
 
-def machine(nginx: str | None, wrk: str | None, litellm: str | None) -> dict[str, object]:
+def machine(
+    nginx: str | None, wrk: str | None, litellm: str | None, manager_src: Path | None = None
+) -> dict[str, object]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "nproc": len(os.sched_getaffinity(0)),
@@ -320,7 +338,8 @@ def machine(nginx: str | None, wrk: str | None, litellm: str | None) -> dict[str
         "kernel": platform.release(),
         "python": platform.python_version(),
         "llm_manager": _package_version("llm-manager"),
-        "git": _git_commit(),
+        "git": _git_commit(manager_src or ROOT / "src"),
+        "manager_src": str(manager_src.resolve()) if manager_src else None,
         "xllamacpp": _package_version("xllamacpp"),
         "aiohttp": _package_version("aiohttp"),
         "nginx": (_first_line([nginx, "-v"]) or "?").removeprefix("nginx version: ")

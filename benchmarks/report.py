@@ -65,6 +65,8 @@ def header(results: dict[str, Any]) -> str:
         f"- targets: {', '.join(results['targets'])}; total wall time "
         f"{results['wall_seconds']:.0f} s",
     ]
+    if m.get("manager_src"):
+        lines.append(f"- LLM-Manager served from {m['manager_src']} (--manager-src)")
     lines += [f"- note: {n}" for n in results["notes"]]
     return "\n".join(lines)
 
@@ -85,8 +87,9 @@ def _cpu_vs(results: dict[str, Any], key: str, target: str, figure: str) -> list
     return [fmt_ratio(ratio(value, med(results, key, other, figure))) for other in others]
 
 
-def json_table(results: dict[str, Any], keys: list[str]) -> str:
-    head = ["clients", "target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"]
+def json_table(results: dict[str, Any], keys: list[str], by: str = "clients") -> str:
+    """One row per scenario and target; the first column is the scenarios' ``by``."""
+    head = [by, "target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"]
     head += ["req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU ÷ nginx", "CPU ÷ LiteLLM", "non-200"]
     rows = [
         [
@@ -100,21 +103,21 @@ def json_table(results: dict[str, Any], keys: list[str]) -> str:
             *_cpu_vs(results, key, target, "gateway_cpu_ms_per_request"),
             _bad(m),
         ]
-        for key, clients, target, m in _medians(results, keys)
+        for key, clients, target, m in _medians(results, keys, by)
     ]
     return table(head, rows)
 
 
 def _medians(
-    results: dict[str, Any], keys: list[str]
+    results: dict[str, Any], keys: list[str], by: str = "clients"
 ) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
-    """(scenario key, clients, target, medians) for the scenarios that ran, in order."""
+    """(scenario key, its ``by``, target, medians) for the scenarios that ran, in order."""
     for key in keys:
         scenario = results["scenarios"].get(key)
         if scenario is None:
             continue
         for target, m in scenario["median"].items():
-            yield key, str(scenario["clients"]), target, m
+            yield key, str(scenario[by]), target, m
 
 
 def stream_table(results: dict[str, Any], keys: list[str]) -> str:
@@ -374,6 +377,13 @@ ABOUT = {
     "aliases": "LLM-Manager is configured with 10 models of 100 aliases each (1,000 aliases) "
     "throughout the whole run. The same request names the model in four ways.",
     "rss": "VmRSS and VmHWM (peak) of LLM-Manager's process, from /proc/<pid>/status.",
+    "bodies": "Non-streamed chat completions from 8 connections whose body is a chat history "
+    "(a system prompt, then user and assistant turns of prose, some with code blocks and "
+    "non-ASCII words; `model` last, as OpenAI's Python SDK writes it) of exactly 64 KiB or "
+    "1 MiB, to the fixed-JSON backend. `llm-manager` is called by the model's name (the body "
+    "is relayed as it is), `llm-manager (alias)` by an alias (`fast-a000`: the body is "
+    "renamed on its way). nginx keeps bodies up to 2 MiB in memory "
+    "(`client_body_buffer_size`).",
     "bad": "Well-formed requests from 8 connections; in the second variant malformed ones "
     "(one connection each, 4 at a time) are sent meanwhile. Figures are medians over rounds; "
     "CPU is counted per well-formed request.",
@@ -416,6 +426,13 @@ def markdown(results: dict[str, Any]) -> str:
             "10 models, 1,000 aliases: the model named by name or alias (1 client)",
             ABOUT["aliases"],
             alias_table(results),
+        ),
+        section(
+            "Large request bodies: 64 KiB and 1 MiB chat histories, 8 clients",
+            ABOUT["bodies"],
+            json_table(
+                results, [k for k in results["scenarios"] if k.startswith("bodies-")], "body"
+            ),
         ),
         section("LLM-Manager's memory across the run", ABOUT["rss"], rss_table(results)),
         section(

@@ -12,6 +12,10 @@ aiohttp.web, and there is no nginx proxy), wrk (the aiohttp load generator is us
 LiteLLM (``--litellm PATH``, $LITELLM_BIN or /work/bench-venvs/litellm/bin/litellm), and the
 bundled llama.cpp engine (the ``llama`` extra) with the ``gguf`` package for the test model.
 
+``--only bodies`` sends chat histories of 64 KiB and 1 MiB (1 MiB only with --quick).
+``--manager-src OLD/src`` serves LLM-Manager from another checkout (PYTHONPATH), to compare
+an older commit's gateway with the same harness, backends and load.
+
 Each scenario runs every target once per round, in turn (A B A B ...), and reports medians.
 The gateway's CPU time is read from /proc/<pid>/stat (utime + stime) before and after each
 run: LLM-Manager's own PID only (its children are the model servers), nginx's single process,
@@ -46,7 +50,9 @@ import report  # noqa: E402
 ALIASES_PER_MODEL = 100
 SPARE_MODELS = 6  # configured, never started: 10 models in all
 LLAMA_FLAGS = ["-t", "1", "-c", "4096", "-np", "16"]
-GROUPS = ("json", "sse", "llama", "aliases", "bad-input", "cold-start")
+GROUPS = ("json", "sse", "llama", "aliases", "bad-input", "cold-start", "bodies")
+BODY_SIZES = {"64 KiB": 64 << 10, "1 MiB": 1 << 20}  # the bodies group's request bodies
+BODY_ALIAS = "fast-a000"  # LLM-Manager's second variant: the model named by an alias
 
 
 @dataclass
@@ -201,7 +207,9 @@ class Bench:
             litellm = proc, port
         config = self.workdir / "llm-manager.yaml"
         config.write_text(json.dumps(self.manager_config(), indent=1))
-        manager, self.manager_url = await procs.start_manager(self.procs, config)
+        manager, self.manager_url = await procs.start_manager(
+            self.procs, config, procs.manager_env(self.args.manager_src)
+        )
         self.manager_pid = manager.pid
         await asyncio.gather(*(self.start_model(m) for m in [*backends, "tail"]))
         self.start_proxies(backends)
@@ -357,8 +365,12 @@ class Bench:
     def json_load(
         self, target: Target, model: str, clients: int
     ) -> Callable[[float], Awaitable[loadgen.Load]]:
+        return self.post_load(loadgen.chat_request(target.base, model, target.headers), clients)
+
+    def post_load(
+        self, req: loadgen.Request, clients: int
+    ) -> Callable[[float], Awaitable[loadgen.Load]]:
         """Non-streamed load: wrk when installed, else the aiohttp client."""
-        req = loadgen.chat_request(target.base, model, target.headers)
         if self.wrk is None:
             return lambda seconds: loadgen.http_load(req, clients, seconds)
         script = loadgen.wrk_script(self.workdir, req)
@@ -379,9 +391,12 @@ class Bench:
         seconds: float,
         make: Callable[[Target], Callable[[float], Awaitable[loadgen.Load]]],
         description: str,
+        targets: list[Target] | None = None,
+        **about: Any,
     ) -> None:
-        """Every target once per round, in turn; warm-up first; medians at the end."""
-        targets = self.targets(backend)
+        """Every target (by default ``self.targets(backend)``) once per round, in turn;
+        warm-up first; medians at the end. ``about`` is kept with the figures."""
+        targets = targets or self.targets(backend)
         loads = {t.name: make(t) for t in targets}
         for t in targets:
             await self.warm_up(t, loads[t.name])
@@ -397,6 +412,7 @@ class Bench:
             "backend": backend,
             "clients": clients,
             "seconds": seconds,
+            **about,
             "runs": runs,
             "median": {name: median_of(rs) for name, rs in runs.items()},
         }
@@ -484,6 +500,34 @@ class Bench:
             "runs": runs,
             "median": {name: median_of(rs) for name, rs in runs.items()},
         }
+
+    async def run_bodies(self) -> None:
+        """Non-streamed chat histories of 64 KiB and 1 MiB at 8 clients; LLM-Manager twice:
+        the model named by its name, and by an alias (the body is renamed on its way). Runs
+        after the RSS point "end": megabyte bodies in flight are not the peak-RSS goal's."""
+        targets = []
+        for t in self.targets("fast"):
+            targets.append(t)
+            if t.name == "llm-manager":
+                targets.append(Target("llm-manager (alias)", t.base, t.pid))
+        sizes = list(BODY_SIZES.items())
+        for label, size in sizes[-1:] if self.args.quick else sizes:  # --quick: 1 MiB only
+
+            def make(t: Target, size: int = size) -> Callable[[float], Awaitable[loadgen.Load]]:
+                model = BODY_ALIAS if t.name == "llm-manager (alias)" else "fast"
+                return self.post_load(loadgen.history_request(t.base, model, t.headers, size), 8)
+
+            await self.scenario(
+                "bodies-" + label.replace(" ", ""),
+                "fast",
+                8,
+                self.s.seconds,
+                make,
+                f"non-streamed chat history of {label} ({size:,} B), fast backend, 8 clients",
+                targets,
+                body=label,
+                body_bytes=size,
+            )
 
     async def run_bad_input(self) -> None:
         """Well-formed load at 8 clients, with and without a burst of malformed requests."""
@@ -617,7 +661,7 @@ class Bench:
     # --- the whole run -------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        machine = procs.machine(self.nginx, self.wrk, self.litellm_exe)
+        machine = procs.machine(self.nginx, self.wrk, self.litellm_exe, self.args.manager_src)
         await self.start()
         if self.wrk is None:
             self.note("wrk not found (or --wrk none): non-streamed load from the aiohttp client")
@@ -629,13 +673,19 @@ class Bench:
             "aliases": self.run_aliases,
             "bad-input": self.run_bad_input,
             "cold-start": self.run_cold_start,
+            "bodies": self.run_bodies,
         }
         chosen = [g for g in GROUPS if g in self.groups]
-        for i, group in enumerate(chosen):
+        small = [g for g in chosen if g != "bodies"]
+        for i, group in enumerate(small):
             await steps[group]()
-            if i == len(chosen) // 2 - 1:
+            if i == len(small) // 2 - 1:
                 self.rss(f"middle (after {group})")
+        # The peak RSS goal is for small requests: megabyte bodies in flight come after it.
         self.rss("end")
+        if "bodies" in chosen:
+            await steps["bodies"]()
+            self.rss("after the 64 KiB and 1 MiB bodies")
         self.results.update(
             machine=machine,
             settings={**self.s.__dict__, "quick": self.args.quick, "groups": chosen},
@@ -662,6 +712,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated scenario groups: {','.join(GROUPS)}")
     p.add_argument("--targets", help="comma-separated targets (direct is always run)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    p.add_argument(
+        "--manager-src",
+        type=Path,
+        help="serve LLM-Manager from this checkout's src/ (PYTHONPATH), e.g. an older commit's",
+    )
     p.add_argument("--report", type=Path, help="print the tables of a saved --json file only")
     return p.parse_args(argv)
 
