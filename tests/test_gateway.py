@@ -280,25 +280,37 @@ async def test_forwarding_of_any_path_with_query_model_and_headers(
         assert echo["method"] == "PUT" and echo["body"] == "\x00\x01raw"
 
 
-async def test_pooled_connection_closed_by_engine_is_retried(tmp_path: Path) -> None:
+async def test_a_post_on_a_reused_connection_the_engine_dropped_is_not_sent_twice(
+    tmp_path: Path,
+) -> None:
     server = Path(__file__).parent / "fakes" / "drop_reused.py"
     models = {"m": {"schemes": {"CPU": {"command": [sys.executable, str(server), "{port}"]}}}}
     async with running_manager(make_config(tmp_path, models)) as mgr:
-        for _ in range(5):  # each reuses a pooled connection that the engine drops
-            status, body = await mgr.post("/v1/chat/completions", json={"model": "m"})
-            assert status == 200 and body == {
-                "ok": True,
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-            }
         runtime = mgr.supervisor.resolve("m")
 
         def drops() -> int:
             return [x.message for x in runtime.log.lines()].count("dropped a reused connection")
 
-        # Several requests met a dropped connection; none of their clients saw it.
-        await wait_until(lambda: drops() >= 2)
+        # The engine read each POST that came on a reused connection, then dropped it: the
+        # POST may have been worked on, so it is not sent again; the client gets 502.
+        statuses = []
+        for _ in range(5):
+            status, body = await mgr.post("/v1/chat/completions", json={"model": "m"})
+            statuses.append(status)
+            if status == 502:
+                assert "not sent again" in body["error"]["message"]
+        assert statuses == [200, 502, 200, 502, 200]
+        await wait_until(lambda: drops() == 2)
+        # A request marked idempotent is sent again on a new connection: no client sees
+        # the drop.
+        for _ in range(4):
+            status, _ = await mgr.post(
+                "/v1/chat/completions", json={"model": "m"}, headers={"Idempotency-Key": "k"}
+            )
+            assert status == 200
+        await wait_until(lambda: drops() >= 3)
         rows = await records(mgr)
-        assert [r["status"] for r in rows] == [200] * 5
+        assert [r["status"] for r in rows].count(502) == 2
 
 
 BAD_INPUTS = [

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import select
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -28,11 +30,16 @@ from llm_manager.gateway import upstream
 from llm_manager.gateway.upstream import (
     ConnectFailed,
     ConnectTimeout,
+    ConnState,
     Dropped,
     ReadTimeout,
     Response,
+    StateError,
     UpstreamError,
     UpstreamPool,
+    idempotent,
+    is_chunked,
+    keep_alive_params,
     request_head,
 )
 
@@ -141,11 +148,11 @@ class RawServer:
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: Handler, idle_timeout: float = 4.0
+    handler: Handler, idle_timeout: float = 4.0, stream_settle: float = 0.25
 ) -> AsyncIterator[tuple[RawServer, UpstreamPool]]:
     """A raw server and a pool; the pool is closed before the server."""
     async with RawServer(handler) as server:
-        pool = UpstreamPool(idle_timeout=idle_timeout)
+        pool = UpstreamPool(idle_timeout=idle_timeout, stream_settle=stream_settle)
         try:
             yield server, pool
         finally:
@@ -283,7 +290,8 @@ async def test_chunked_body_arrives_chunk_by_chunk() -> None:
         await peer.send(b"0\r\n\r\n")
         await answering(OK_HELLO)(peer)
 
-    async with serving(handler) as (server, pool):
+    # No settle time: reuse right after a chunked answer is what is tested here.
+    async with serving(handler, stream_settle=0) as (server, pool):
         response = await get(pool, server.port)
         assert await response.read() == b"first"
         assert not response.at_eof()
@@ -304,7 +312,7 @@ async def test_chunked_body_with_trailers_and_many_chunks_in_one_write() -> None
     body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in [b"a", b"bc", b"def"])
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
     answer += b"0\r\nX-Trailer: 1\r\n\r\n"
-    async with serving(answering(answer)) as (server, pool):
+    async with serving(answering(answer), stream_settle=0) as (server, pool):
         for _ in range(2):
             response = await get(pool, server.port)
             assert await read_all(response) == b"abcdef"
@@ -406,8 +414,9 @@ async def test_idle_connection_closed_by_server_is_replaced() -> None:
         response.release()
         assert pool.open_connections == 1
         close_now.set()
-        await wait_until(lambda: conn.closed)  # connection_lost has run
-        assert pool.open_connections == 0
+        await wait_until(lambda: pool.open_connections == 0)  # with no request to find out
+        assert conn.state is ConnState.CLOSED
+        assert pool.idle_connections(HOST, server.port) == 0
         response = await get(pool, server.port)
         assert await read_all(response) == b"hello"
         response.release()
@@ -844,6 +853,403 @@ async def test_pool_close_closes_idle_connections() -> None:
         assert server.accepted == 3
 
 
+# --- the exchange's states: stray bytes, retries, keep-alive limits, settling --------------------
+
+
+def echo(request: bytes) -> bytes:
+    """An answer whose body is the request's body: each request can tell its own answer."""
+    body = request.partition(b"\r\n\r\n")[2]
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def echoing(peer: Peer) -> None:
+    while True:
+        await peer.send(echo(await peer.read_request()))
+
+
+async def post(pool: UpstreamPool, port: int, body: bytes) -> bytes:
+    response = await get(pool, port, method="POST", body=body)
+    try:
+        return await read_all(response)
+    finally:
+        response.release()
+
+
+def posted(port: int, body: bytes) -> bytes:
+    """The exact bytes a server reads for ``post(pool, port, body)``."""
+    return request_head("POST", b"/x", f"{HOST}:{port}".encode(), [], len(body)) + body
+
+
+LATE = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"
+
+
+async def test_bytes_on_an_idle_connection_make_it_dirty() -> None:
+    released = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        if peer.index > 0:
+            return await echoing(peer)
+        await peer.send(echo(await peer.read_request()))
+        await released.wait()
+        await peer.send(LATE)  # a late (or duplicate) answer nobody asked for
+        await peer.wait_eof()
+
+    async with serving(handler) as (server, pool):
+        response = await get(pool, server.port, method="POST", body=b"one")
+        assert await read_all(response) == b"one"
+        conn = response._conn
+        response.release()
+        assert conn.state is ConnState.IDLE and pool.idle_connections(HOST, server.port) == 1
+        released.set()
+        await wait_until(lambda: conn.closed)  # when the bytes come, not at the next request
+        assert conn.state is ConnState.DIRTY
+        assert pool.open_connections == 0 and pool.idle_connections(HOST, server.port) == 0
+        await asyncio.wait_for(server.peers[0].saw_eof.wait(), 5)
+        assert await post(pool, server.port, b"two") == b"two"  # its own answer
+        assert server.accepted == 2
+        assert server.peers[0].requests == [posted(server.port, b"one")]
+        assert server.peers[1].requests == [posted(server.port, b"two")]
+
+
+@pytest.mark.parametrize("when", ["same-write", "before-release", "after-connection-close"])
+async def test_a_second_answer_is_never_read_as_the_next_one(when: str) -> None:
+    now = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        if peer.index > 0:
+            return await echoing(peer)
+        first = echo(await peer.read_request())
+        if when == "same-write":
+            await peer.send(first + LATE)
+        elif when == "before-release":
+            await peer.send(first)
+            await now.wait()
+            await peer.send(LATE)
+        else:
+            close = first.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+            await peer.send(close + LATE)
+        await peer.wait_eof()
+
+    async with serving(handler) as (server, pool):
+        response = await get(pool, server.port, method="POST", body=b"one")
+        conn = response._conn
+        assert await read_all(response) == b"one"  # exactly the first answer
+        assert response.at_eof() and conn.error is None
+        if when == "before-release":
+            assert conn.state is ConnState.DONE
+            now.set()
+            await wait_until(lambda: conn.closed)
+            assert await response.read() == b""  # the answer stays whole, no error
+        assert conn.state is ConnState.DIRTY
+        response.release()
+        assert pool.open_connections == 0
+        assert await post(pool, server.port, b"two") == b"two"
+        assert server.accepted == 2
+        assert server.peers[0].requests == [posted(server.port, b"one")]
+        await asyncio.wait_for(server.peers[0].saw_eof.wait(), 5)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_reused_connection_ended_after_the_request_was_read(how: str) -> None:
+    async def handler(peer: Peer) -> None:
+        if peer.index > 0:
+            return await echoing(peer)
+        await peer.send(echo(await peer.read_request()))
+        await peer.read_request()  # read whole: the engine may have started on it
+        if how == "reset":
+            peer.writer.transport.abort()
+
+    async with serving(handler) as (server, pool):
+        assert await post(pool, server.port, b"one") == b"one"
+        with pytest.raises(Dropped) as caught:
+            await get(pool, server.port, method="POST", body=b"two")
+        dropped = caught.value
+        assert dropped.reused and dropped.sent
+        assert not dropped.may_retry("POST", [])  # the relay answers 502
+        assert dropped.may_retry("GET", [])
+        assert dropped.may_retry("POST", [(b"Idempotency-Key", b"k")])
+        assert pool.open_connections == 0
+        assert server.peers[0].requests == [
+            posted(server.port, b"one"),
+            posted(server.port, b"two"),
+        ]
+
+
+def test_retry_rule() -> None:
+    written = Dropped("closed", reused=True)
+    for method in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"):
+        assert written.may_retry(method, [])
+    for method in ("POST", "PATCH", "CONNECT", "get"):
+        assert not written.may_retry(method, [(b"x-other", b"1")])
+    assert written.may_retry("POST", [(b"Idempotency-Key", b"1")])
+    assert written.may_retry("POST", [(b"x-idempotency-key", b"")])
+    assert idempotent("PUT", []) and not idempotent("POST", [])
+    # A fresh connection that closed on a request: the server is failing, not racing.
+    assert not Dropped("closed", reused=False).may_retry("GET", [])
+    # Certainly not sent: whatever the method, whatever the connection.
+    assert Dropped("reset", reused=False, sent=False).may_retry("POST", [])
+    assert Dropped("reset", reused=True, sent=False).may_retry("POST", [])
+
+
+class Listener:
+    """A listening socket driven by hand: what the test writes on an accepted socket lies in
+    the client's socket before the event loop runs again."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+
+    async def accept(self) -> socket.socket:
+        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(self.sock), 5)
+        self.accepted.append(conn)
+        return conn
+
+    async def exchange(self, pool: UpstreamPool, body: bytes) -> socket.socket:
+        """A request on a new connection, answered; the server's socket stays open."""
+        loop = asyncio.get_running_loop()
+        requesting = asyncio.create_task(post(pool, self.port, body))
+        conn = await self.accept()
+        expected = posted(self.port, body)
+        data = b""
+        while len(data) < len(expected):
+            data += await asyncio.wait_for(loop.sock_recv(conn, 65536), 5)
+        assert data == expected
+        conn.send(echo(data))
+        assert await requesting == body
+        return conn
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+def arrived(conn: Any) -> None:
+    """Blocks (the event loop does not run) until the connection's socket is readable."""
+    readable, _, _ = select.select([conn._fd], [], [], 5)
+    assert readable
+
+
+@pytest.mark.parametrize("how", ["bytes", "end", "reset"])
+async def test_pooled_connection_is_looked_at_before_it_is_written_to(how: str) -> None:
+    """The server's bytes, end or reset reached the socket but not yet the event loop: the
+    look before writing finds them, and the request goes on a new connection, once."""
+    server = Listener()
+    pool = UpstreamPool()
+    try:
+        first = await server.exchange(pool, b"one")
+        conn = pool._idle[HOST, server.port][-1]
+        if how == "bytes":
+            first.send(LATE)
+        elif how == "end":
+            first.shutdown(socket.SHUT_WR)
+        else:
+            first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            first.close()
+        arrived(conn)
+        assert conn.state is ConnState.IDLE  # the loop has not seen it
+        assert pool._reuse((HOST, server.port)) is None
+        assert conn.state is (ConnState.DIRTY if how == "bytes" else ConnState.CLOSED)
+        assert pool.open_connections == 0
+        await server.exchange(pool, b"two")  # on a new connection
+        assert len(server.accepted) == 2
+        if how != "reset":  # nothing more was written to the first one
+            try:
+                assert first.recv(65536) == b""
+            except ConnectionResetError:
+                assert how == "bytes"  # closed with the stray bytes unread: a reset
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_a_write_that_fails_at_once_did_not_send_the_request() -> None:
+    """The transport (asyncio's, uvloop's) tries a write at once and fails it there: no
+    byte of the request left, so it may be sent again, whatever its method."""
+    server = Listener()
+    pool = UpstreamPool()
+    try:
+        first = await server.exchange(pool, b"one")
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.close()
+        conn = pool._idle[HOST, server.port].pop()  # taken without the look at the socket
+        arrived(conn)
+        with pytest.raises(Dropped) as caught:
+            conn.send(posted(server.port, b"two"), b"", False, 5.0)
+        assert caught.value.sent is False and caught.value.reused is True
+        assert caught.value.may_retry("POST", [])
+        assert conn.state is ConnState.CLOSED
+        assert pool.open_connections == 0
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_keep_alive_timeout_and_max_are_honoured() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=2\r\nContent-Length: 2\r\n\r\nok"
+    async with serving(answering(answer)) as (server, pool):
+        for _ in range(5):
+            response = await get(pool, server.port)
+            assert await read_all(response) == b"ok"
+            response.release()
+        assert [len(peer.requests) for peer in server.peers] == [2, 2, 1]
+        assert pool.open_connections == 1
+        await asyncio.sleep(0.8)  # past 1 s less its margin (1/4): the passing time counts
+        response = await get(pool, server.port)
+        assert await read_all(response) == b"ok"
+        response.release()
+        assert [len(peer.requests) for peer in server.peers] == [2, 2, 1, 1]
+        assert pool.open_connections == 1
+
+
+@pytest.mark.parametrize("keep_alive", [b"timeout=0", b"max=1", b"timeout=5, max=1"])
+async def test_keep_alive_that_allows_no_second_request(keep_alive: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: %s\r\nContent-Length: 2\r\n\r\nok" % keep_alive
+    async with serving(answering(answer)) as (server, pool):
+        for _ in range(2):
+            response = await get(pool, server.port)
+            assert await read_all(response) == b"ok"
+            conn = response._conn
+            response.release()
+            assert conn.state is ConnState.CLOSED and pool.open_connections == 0
+        assert server.accepted == 2
+
+
+def test_keep_alive_params_and_chunked_coding() -> None:
+    assert keep_alive_params(b"timeout=5, max=100") == (5.0, 100)
+    assert keep_alive_params(b'Timeout="2"') == (2.0, None)
+    assert keep_alive_params(b"max=x, timeout=-1, other") == (None, None)
+    assert is_chunked(b"chunked") and is_chunked(b"gzip, Chunked ") and is_chunked(b"CHUNKED")
+    for coding in (b"gzip-notchunked", b"chunked, gzip", b"notchunked", b"", b"chunkedx"):
+        assert not is_chunked(coding)
+
+
+@pytest.mark.parametrize(
+    ("codings", "chunked"),
+    [
+        ([b"gzip-notchunked"], False),
+        ([b"chunked, gzip"], False),
+        ([b"gzip, chunked"], True),
+        ([b" Chunked "], True),
+        ([b"gzip", b"chunked"], True),  # two header lines: the last holds the final coding
+    ],
+)
+async def test_only_a_final_chunked_coding_frames_the_body(
+    codings: list[bytes], chunked: bool
+) -> None:
+    raw = b"3\r\nabc\r\n0\r\n\r\n"
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        head = b"".join(b"Transfer-Encoding: %s\r\n" % coding for coding in codings)
+        await peer.send(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + raw)
+        if chunked:
+            await peer.wait_eof()
+        # else the body ends with the connection: the handler returns and closes it
+
+    async with serving(handler) as (server, pool):
+        response = await get(pool, server.port)
+        assert await read_all(response) == (b"abc" if chunked else raw)
+        assert response.at_eof()
+        response.release()
+        assert pool.open_connections == (1 if chunked else 0)
+
+
+CHUNKED_OK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+
+
+async def test_a_connection_settles_after_a_chunked_answer() -> None:
+    """llama.cpp closes the connection a moment after each streamed answer, unannounced: a
+    request written in that moment would be lost. None is written there."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(CHUNKED_OK)
+        await asyncio.sleep(0.05)  # then the handler returns: the server closes it
+
+    async with serving(handler, stream_settle=0.25) as (server, pool):
+        for _ in range(3):
+            response = await get(pool, server.port)  # at once after the previous answer
+            assert await read_all(response) == b"ok"
+            response.release()
+        assert server.accepted == 3
+        assert [len(peer.requests) for peer in server.peers] == [1, 1, 1]
+        await wait_until(lambda: pool.open_connections == 0)  # each closed while idle
+        assert not pool.keeps_streams(HOST, server.port)
+
+
+async def test_a_server_that_keeps_connections_after_chunked_answers_is_trusted() -> None:
+    close_after = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        while True:
+            await peer.read_request()
+            await peer.send(CHUNKED_OK)
+            if close_after.is_set():
+                return  # closes right after this answer: trust is lost
+
+    async def ok() -> Any:
+        response = await get(pool, server.port)
+        assert await read_all(response) == b"ok"
+        response.release()
+        return response._conn
+
+    async with serving(handler, stream_settle=0.1) as (server, pool):
+        first = await ok()
+        second = await ok()  # the first is settling: a new connection
+        assert first is not second and server.accepted == 2
+        assert not pool.keeps_streams(HOST, server.port)
+        await asyncio.sleep(0.15)  # both settled: the passing time is the condition
+        assert await ok() is second  # still open after settling: the server keeps them
+        assert pool.keeps_streams(HOST, server.port)
+        assert await ok() is second  # now reused at once
+        close_after.set()
+        assert await ok() is second
+        await wait_until(lambda: second.closed)
+        assert not pool.keeps_streams(HOST, server.port)
+        assert server.accepted == 2
+
+
+def test_transitions_are_enforced() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = upstream._Connection((HOST, 1), lambda _: None, loop)
+        assert conn.state is ConnState.IDLE
+        with pytest.raises(StateError):
+            conn._to(ConnState.DONE)  # IDLE -> DONE: no answer without a request
+        with pytest.raises(StateError):
+            conn.make_idle(4.0)  # released twice
+        conn.close("test")
+        assert conn.state is ConnState.CLOSED and conn.reason == "test"
+        conn.close("again")  # final: later ends change nothing
+        assert conn.reason == "test"
+        with pytest.raises(StateError):
+            conn._to(ConnState.IDLE)
+        with pytest.raises(StateError):
+            conn.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, 1.0)
+    finally:
+        loop.close()
+
+
+async def test_each_exchange_has_its_own_parser_and_release_is_once() -> None:
+    async with serving(echoing) as (server, pool):
+        response = await get(pool, server.port, method="POST", body=b"a")
+        parser = response._conn._parser
+        assert await read_all(response) == b"a"
+        response.release()
+        response.release()  # a second release does nothing
+        assert pool.idle_connections(HOST, server.port) == 1
+        response = await get(pool, server.port, method="POST", body=b"b")
+        assert response._conn._parser is not parser
+        assert await read_all(response) == b"b"
+        response.release()
+        assert server.accepted == 1
+
+
 # --- request_head, and an ordinary server --------------------------------------------------------
 
 
@@ -892,8 +1298,15 @@ async def test_against_aiohttp_server_large_post_and_stream() -> None:
         site = web.TCPSite(runner, HOST, 0)
         await site.start()
         port = runner.addresses[0][1]
-        pool = UpstreamPool()
+        pool = UpstreamPool(stream_settle=0.1)
         try:
+            # Its answers are chunked: the first connection is reused only once settled, and
+            # then the server is known to keep connections after chunked answers.
+            response = await get(pool, port)
+            assert await read_all(response) == b""
+            response.release()
+            assert not pool.keeps_streams(HOST, port)
+            await asyncio.sleep(0.15)  # the passing time is the condition
             for size in (0, 10, 70_000, 300_000):  # 70_000: the body goes in its own write
                 body = os.urandom(size)
                 response = await get(
@@ -907,6 +1320,7 @@ async def test_against_aiohttp_server_large_post_and_stream() -> None:
                 assert response.header(b"x-length") == str(size).encode()
                 assert await read_all(response) == body
                 response.release()
+            assert pool.keeps_streams(HOST, port)
             assert len(peers) == 1  # one keep-alive connection throughout
         finally:
             pool.close()
@@ -917,7 +1331,42 @@ async def test_against_aiohttp_server_large_post_and_stream() -> None:
 # --- the same scenarios on uvloop ------------------------------------------------------------------
 
 
+async def case_second_answer_in_the_same_write() -> None:
+    await test_a_second_answer_is_never_read_as_the_next_one("same-write")
+
+
+async def case_reused_connection_reset_after_the_request_was_read() -> None:
+    await test_reused_connection_ended_after_the_request_was_read("reset")
+
+
+async def case_pending_bytes_found_before_writing() -> None:
+    await test_pooled_connection_is_looked_at_before_it_is_written_to("bytes")
+
+
+async def case_pending_end_found_before_writing() -> None:
+    await test_pooled_connection_is_looked_at_before_it_is_written_to("end")
+
+
+async def case_pending_reset_found_before_writing() -> None:
+    await test_pooled_connection_is_looked_at_before_it_is_written_to("reset")
+
+
+async def case_gzip_notchunked_ends_with_the_connection() -> None:
+    await test_only_a_final_chunked_coding_frames_the_body([b"gzip-notchunked"], False)
+
+
 UVLOOP_SCENARIOS: list[Callable[[], Awaitable[None]]] = [
+    test_bytes_on_an_idle_connection_make_it_dirty,
+    case_second_answer_in_the_same_write,
+    case_reused_connection_reset_after_the_request_was_read,
+    case_pending_bytes_found_before_writing,
+    case_pending_end_found_before_writing,
+    case_pending_reset_found_before_writing,
+    case_gzip_notchunked_ends_with_the_connection,
+    test_a_write_that_fails_at_once_did_not_send_the_request,
+    test_keep_alive_timeout_and_max_are_honoured,
+    test_a_connection_settles_after_a_chunked_answer,
+    test_each_exchange_has_its_own_parser_and_release_is_once,
     test_content_length_body_then_reuse,
     test_chunked_body_arrives_chunk_by_chunk,
     test_body_delimited_by_connection_close,

@@ -9,6 +9,48 @@ Content-Length, chunked encoding or the connection's end, a read timeout, and ba
 (reading pauses while a slow client has not taken what was read). Everything else the
 manager sends (health probes, the CLI) keeps using aiohttp.
 
+Connection states (``ConnState``; ``_Connection._to`` refuses any other transition)::
+
+    IDLE --send--> SENT --first answer byte--> READING --answer complete--> DONE
+      ^                                                                       |
+      +------------- released, reusable, nothing more read -------------------+
+    any state --> DIRTY   the engine broke the exchange, or the relay gave it up half-way
+    any state --> CLOSED  closed in order, by either side
+
+- A byte from the engine while IDLE (nobody asked) or after the answer is complete (DONE:
+  a late or second answer) makes the connection DIRTY. DIRTY and CLOSED are final: the
+  transport is closed and the pool forgets the connection at once.
+- Each exchange gets a new parser, so nothing of one answer can be read as part of the next.
+  (llhttp skips bare CR/LF that end the same read as an answer; any other byte counts.)
+- Only DONE goes back to IDLE, in ``UpstreamPool.give_back``, and only when the answer was
+  read to its end, keeps the connection alive (no ``Connection: close``, not HTTP/1.0,
+  not a HEAD answer), and the engine's ``Keep-Alive: max=M`` allows another request
+  (M counted as the connection's total, the stricter of the header's two readings).
+- The engine closing a pooled connection is learnt when it happens (``eof_received`` /
+  ``connection_lost`` while IDLE), and checked once more just before a pooled connection is
+  written to: a non-blocking peek at its socket finds an end, a reset or stray bytes that
+  the event loop has not delivered yet. An idle connection is not reused after the pool's
+  ``idle_timeout`` nor after the engine's ``Keep-Alive: timeout=N`` less a margin.
+- Settling: llama.cpp closes the connection after every streamed (chunked) answer without
+  saying so, and not at once: 0.03 ms to a few ms after the last chunk, depending on load.
+  A request written in that window meets the close after it was written, and a POST must
+  then fail. So a connection whose answer was chunked is reused only ``stream_settle``
+  seconds (0.25) after that answer, unless its server has shown that it keeps such
+  connections (one was still open when reused after settling); a server that closes one
+  within the settle time loses that trust again.
+
+Retry rule, as Go's net/http transport: a request is sent again (once, on a new
+connection) only when it certainly did not reach the model server (its write failed at
+once: no byte of it left the relay), or when it is idempotent and met a reused keep-alive
+connection that the server closed or reset before any byte of the answer. Idempotent means
+GET, HEAD, OPTIONS, TRACE, PUT or DELETE (RFC 9110 section 9.2.2), or any request carrying an
+``Idempotency-Key`` or ``X-Idempotency-Key`` header. Any other request whose connection
+ends after it was written and before the answer began, a POST to /v1/chat/completions
+above all, is not sent again: the server may have read it and worked on it, and the
+client gets 502. (Finding a pooled connection closed before writing to it is no retry:
+another connection is used, and the request is written once.) ``Dropped.may_retry``
+applies the rule; the caller sends again.
+
 Concurrency rule: everything runs on the event loop thread; a connection belongs to one
 response at a time, or to the pool while idle.
 """
@@ -16,7 +58,9 @@ response at a time, or to the pool while idle.
 from __future__ import annotations
 
 import asyncio
-import time
+import enum
+import select
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import cast
@@ -25,6 +69,13 @@ import httptools
 
 _PAUSE_AT = 256 * 1024  # buffered body bytes that pause reading from the model server
 _IDLE_PER_SERVER = 64  # idle keep-alive connections kept per model server
+_KEEP_ALIVE_MARGIN = 1.0  # seconds before an engine's Keep-Alive timeout (at most 1/4 of it)
+_STREAM_SETTLE = 0.25  # seconds before a connection that carried a chunked answer is reused
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_POLL_EVENTS = select.POLLIN | getattr(select, "POLLRDHUP", 0) if hasattr(select, "poll") else 0
+
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_IDEMPOTENCY_KEYS = frozenset({b"idempotency-key", b"x-idempotency-key"})
 
 
 class UpstreamError(Exception):
@@ -44,16 +95,99 @@ class ReadTimeout(UpstreamError):
 
 
 class Dropped(UpstreamError):
-    """A connection closed before any byte of the answer: safe to retry on a new one when
-    the connection was a reused keep-alive one (the engine closed it while idle)."""
+    """The connection ended before any byte of the answer.
 
-    def __init__(self, message: str, reused: bool) -> None:
+    ``sent``: whether the request may have reached the server (False only when it certainly
+    did not). ``reused``: whether the connection had carried an earlier exchange.
+    """
+
+    def __init__(self, message: str, reused: bool, sent: bool = True) -> None:
         super().__init__(message)
         self.reused = reused
+        self.sent = sent
+
+    def may_retry(self, method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether the request may be sent again: the retry rule of the module docstring."""
+        return not self.sent or (self.reused and idempotent(method, headers))
+
+
+def idempotent(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request may be sent twice: an idempotent method (RFC 9110 section 9.2.2), or an
+    ``Idempotency-Key`` / ``X-Idempotency-Key`` header, as Go's transport counts them."""
+    if method in _IDEMPOTENT_METHODS:
+        return True
+    return any(name.lower() in _IDEMPOTENCY_KEYS for name, _ in headers)
+
+
+def is_chunked(transfer_encoding: bytes) -> bool:
+    """Whether chunked is the final transfer coding of a Transfer-Encoding value."""
+    return transfer_encoding.rpartition(b",")[2].strip().lower() == b"chunked"
+
+
+def keep_alive_params(value: bytes) -> tuple[float | None, int | None]:
+    """``timeout`` and ``max`` of a Keep-Alive header; None where absent or invalid."""
+    known = _KEEP_ALIVE_SEEN.get(value)
+    if known is not None:
+        return known  # an engine sends the same value every time
+    if len(_KEEP_ALIVE_SEEN) >= 64:
+        _KEEP_ALIVE_SEEN.clear()
+    known = _KEEP_ALIVE_SEEN[value] = _parse_keep_alive(value)
+    return known
+
+
+_KEEP_ALIVE_SEEN: dict[bytes, tuple[float | None, int | None]] = {}
+
+
+def _parse_keep_alive(value: bytes) -> tuple[float | None, int | None]:
+    timeout: float | None = None
+    most: int | None = None
+    for part in value.split(b","):
+        name, _, raw = part.partition(b"=")
+        name = name.strip().lower()
+        raw = raw.strip().strip(b'"')
+        if not raw.isdigit():
+            continue
+        if name == b"timeout":
+            timeout = float(int(raw))
+        elif name == b"max":
+            most = int(raw)
+    return timeout, most
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"  # open, no exchange: new, or in the pool
+    SENT = "sent"  # a request was written; no byte of its answer yet
+    READING = "reading"  # the answer is arriving (interim answers included)
+    DONE = "done"  # the answer is complete; the connection waits to be released
+    DIRTY = "dirty"  # final: the engine broke the exchange, or it was given up half-way
+    CLOSED = "closed"  # final: closed in order, by either side
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code
+
+
+_IDLE, _SENT, _READING, _DONE = ConnState.IDLE, ConnState.SENT, ConnState.READING, ConnState.DONE
+_DIRTY, _CLOSED = ConnState.DIRTY, ConnState.CLOSED
+_FINAL = frozenset({_DIRTY, _CLOSED})
+_NEXT: dict[ConnState, frozenset[ConnState]] = {
+    _IDLE: frozenset({_SENT, _DIRTY, _CLOSED}),
+    _SENT: frozenset({_READING, _DIRTY, _CLOSED}),
+    _READING: frozenset({_DONE, _DIRTY, _CLOSED}),
+    _DONE: frozenset({_IDLE, _DIRTY, _CLOSED}),
+    _DIRTY: frozenset(),
+    _CLOSED: frozenset(),
+}
+
+
+class StateError(RuntimeError):
+    """An illegal transition of a connection: a bug in the relay, never the engine's doing."""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing: the rest of the read is not wanted."""
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection and the response being read on it."""
+    """One TCP connection and the exchange on it; ``state`` says where it stands."""
 
     def __init__(
         self,
@@ -62,67 +196,246 @@ class _Connection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.key = key
-        self._lost = lost  # tells the pool, which must not hand out a closed connection
+        self._lost = lost  # tells the pool, which must not hand out a finished connection
         # Kept: asyncio.get_running_loop() costs a getpid() system call per call.
         self._loop = loop
+        self.state = _IDLE
+        self.reason = ""  # why it reached DIRTY or CLOSED
+        self.transport: asyncio.Transport | None = None
+        self._fd = -1
+        self._family = socket.AF_INET
+        self._poll: select.poll | None = None  # for usable(): one system call, no exception
+        self.exchanges = 0  # requests written on this connection
+        self.reused = False  # the exchange under way is not the connection's first
+        self.done_at = 0.0  # loop time the last answer completed
+        self.reuse_until = 0.0  # loop time after which the idle connection is not reused
+        # Seconds from the end of a chunked answer to the engine closing the connection
+        # while it was not in use; None when it did not (the pool learns from it).
+        self.closed_after_chunked: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         self._last_data = 0.0
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.reused = False
-        self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
-        self._head_only = False
-        self._reset()
+        self._waiter: asyncio.Future[None] | None = None
+        self._begin(False)
 
-    def _reset(self) -> None:
+    def _begin(self, head_only: bool) -> None:
+        """The per-exchange part, new for each request: parser, answer, buffers."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = head_only
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_type = b""
         self.headers_done = False
-        self.eof = False
+        self.eof = False  # the answer is complete (its body may still be buffered)
         self.keep_alive = False
+        self.keep_alive_timeout: float | None = None
+        self.keep_alive_max: int | None = None
         self.error: UpstreamError | None = None
-        self.received = False
         self._interim = False  # inside a 1xx answer, which precedes the real one
         self._framed = False  # Content-Length or chunked: the end is not the connection's end
+        self.chunked = False
+        self._after_chunked = False  # the previous answer on this connection was chunked
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.state in _FINAL
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def _to(self, state: ConnState) -> None:
+        if state not in _NEXT[self.state]:
+            raise StateError(f"upstream connection {self.state.name} -> {state.name}")
+        self.state = state
+
+    def _end(self, state: ConnState, reason: str) -> None:
+        """To DIRTY or CLOSED (once; later calls do nothing): closes the transport, tells
+        the pool, and fails an exchange under way."""
+        if self.state in _FINAL:
+            return
+        assert state in _FINAL
+        unfinished = self.state is _SENT or self.state is _READING
+        self._to(state)
+        self.reason = reason
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.close()
+        self._lost(self)
+        if unfinished and self.error is None:
+            self._fail(UpstreamError(f"connection to the model server closed: {reason}"))
+
+    def send(self, head: bytes, body: bytes, head_only: bool, read_timeout: float) -> None:
+        """IDLE -> SENT. Raises Dropped(sent=False) when the write failed at once."""
+        self._to(_SENT)
+        transport = self.transport
+        assert transport is not None
+        self.reused = self.exchanges > 0
+        self.exchanges += 1
+        after_chunked = self.chunked
+        self._begin(head_only)
+        self._after_chunked = after_chunked
+        small = len(body) < 65536
+        if not transport.is_closing():
+            transport.write(head + body if small else head)
+        if transport.is_closing():
+            # The transport fails a write that cannot start (a reset not yet seen) at once:
+            # not one byte of this request left the relay.
+            self._end(_CLOSED, "the write failed")
+            raise Dropped(
+                "the connection to the model server failed before the request was written",
+                self.reused,
+                sent=False,
+            )
+        if not small:
+            transport.write(body)  # no copy of a large body
+        # One timer per read_timeout period, re-armed from the time of the last data, not
+        # one per wait: a token stream waits once per token.
+        self._read_timeout = read_timeout
+        self._last_data = self._loop.time()
+        self._timer = self._loop.call_later(read_timeout, self._check_timeout)
+
+    def make_idle(self, idle_timeout: float) -> bool:
+        """DONE -> IDLE when the connection may carry another request; else it is closed.
+        Returns whether it went IDLE."""
+        if self.state is not _DONE:
+            if self.state is _IDLE:
+                raise StateError("upstream connection released twice")
+            self._end(_DIRTY, "released before the end of the answer")
+            return False
+        window = idle_timeout
+        if self.keep_alive_timeout is not None:
+            timeout = self.keep_alive_timeout
+            window = min(window, timeout - min(_KEEP_ALIVE_MARGIN, timeout / 4))
+        if self._chunks:
+            why = "released with part of the answer unread"
+        elif not self.keep_alive:
+            why = "not kept alive (Connection: close, HTTP/1.0 or HEAD)"
+        elif self.keep_alive_max is not None and self.exchanges >= self.keep_alive_max:
+            why = f"Keep-Alive: max={self.keep_alive_max} reached"
+        elif window <= 0:
+            why = "Keep-Alive timeout too short to reuse"
+        else:
+            self._to(_IDLE)
+            self.reuse_until = self.done_at + window
+            return True
+        self._end(_CLOSED, why)
+        return False
+
+    def usable(self, now: float) -> bool:
+        """Whether an IDLE connection from the pool can carry a request now. Looks at the
+        socket without reading (one system call): an end, a reset or bytes the loop has not
+        delivered yet are found before the request is written, not after."""
+        if self.state is not _IDLE:
+            raise StateError(f"a pooled upstream connection is {self.state.name}")
+        if now >= self.reuse_until:
+            self._end(_CLOSED, "idle for too long")
+            return False
+        if self._poll is None or not self._poll.poll(0):
+            return True  # open, and nothing waiting
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fileno=self._fd)
+        try:
+            pending = sock.recv(1, _PEEK_FLAGS)
+        except BlockingIOError:
+            return True  # open, and nothing waiting
+        except OSError as exc:
+            self._end(_CLOSED, f"reset by the model server while idle: {exc}")
+            return False
+        finally:
+            sock.detach()  # the descriptor stays the transport's
+        if pending:
+            self._end(_DIRTY, "bytes from the model server while idle")
+        else:
+            self._end(_CLOSED, "closed by the model server while idle")
+        return False
+
+    def close(self, reason: str = "closed by the relay") -> None:
+        self._end(_CLOSED, reason)
+
+    def abandon(self) -> None:
+        """The exchange is given up (an error, a cancellation): never reused."""
+        self._end(_DIRTY, "exchange abandoned")
+
+    def _complete(self) -> None:
+        """READING -> DONE: the answer is whole."""
+        self._to(_DONE)
+        self.eof = True
+        self.done_at = self._loop.time()
+        self._stop_timer()
+        self._wake()
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not registered as an asyncio.Transport subclass.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            self._family = sock.family
+            if _POLL_EVENTS:
+                self._poll = select.poll()
+                self._poll.register(self._fd, _POLL_EVENTS)
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
+        state = self.state
+        if state is _SENT:
+            self._to(_READING)
+        elif state is not _READING:
+            if state is _IDLE:
+                self._end(_DIRTY, "bytes from the model server while idle")
+            elif state is _DONE:
+                self._end(_DIRTY, "bytes from the model server after the answer")
+            return  # DIRTY, CLOSED: the transport is closing, nothing more is wanted
         self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__  # what a callback raised
+            if not isinstance(cause, _Stop):
+                raise (cause or exc) from None  # a bug (StateError), not the engine's doing
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # HttpParserUpgrade: a 101 nobody asked for (the relay never forwards Upgrade).
-            self._fail(UpstreamError(f"invalid HTTP from the model server: {exc}"))
-            self.close()
+            if self.state is _DONE:  # the answer is whole; what followed was not asked for
+                self._end(_DIRTY, f"bytes from the model server after the answer: {exc}")
+            else:
+                self._fail(UpstreamError(f"invalid HTTP from the model server: {exc}"))
+                self._end(_DIRTY, "invalid HTTP")
+
+    def eof_received(self) -> bool:
+        self._engine_closed(None)
+        return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._stop_timer()
-        self._lost(self)
-        if self.eof:
-            return
-        if self.headers_done and not self._framed and exc is None:
-            self.eof = True  # a body delimited by the end of the connection
-            self._wake()
-        elif not self.received:
-            self._fail(Dropped("the model server closed the connection", self.reused))
-        else:
-            self._fail(UpstreamError("the model server closed the connection mid-response"))
+        self._engine_closed(exc)
 
-    # --- httptools callbacks ---------------------------------------------------------------
+    def _engine_closed(self, exc: Exception | None) -> None:
+        state = self.state
+        if state in _FINAL:
+            return
+        if ((state is _IDLE or state is _DONE) and self.chunked) or (
+            state is _SENT and self._after_chunked
+        ):
+            self.closed_after_chunked = self._loop.time() - self.done_at
+        if state is _SENT:
+            self._fail(
+                Dropped("the model server closed the connection before answering", self.reused)
+            )
+        elif state is _READING:
+            if self.headers_done and not self._framed and exc is None:
+                self._complete()  # a body delimited by the end of the connection
+            else:
+                self._fail(UpstreamError("the model server closed the connection mid-response"))
+        how = f"reset by the model server: {exc}" if exc else "closed by the model server"
+        self._end(_CLOSED, f"{how} while {state.name}")
+
+    # --- httptools callbacks (while READING, or DONE for what follows an answer) -----------
+
+    def on_message_begin(self) -> None:
+        if self.state is _DONE:  # a second answer in the same read: stop before it
+            self._end(_DIRTY, "a second answer from the model server")
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.headers_done:  # chunked trailers are not the answer's headers
@@ -130,29 +443,45 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
+        if self.status == 101:  # the relay never forwards Upgrade: nobody asked for it
+            self._fail(UpstreamError("invalid HTTP from the model server: 101 unasked"))
+            self._end(_DIRTY, "invalid HTTP")
+            raise _Stop
+        if 100 <= self.status < 200:
             # 100 Continue, 103 Early Hints: HTTP clients skip interim answers.
             self._interim = True
             self.headers = []
             return
         self.keep_alive = self._parser.should_keep_alive()
+        length = False
+        coding: bytes | None = None
         for name, value in self.headers:  # the one pass that looks at header names
             lowered = name.lower()
             if lowered == b"content-type":
                 self.content_type = self.content_type or value
-            elif lowered == b"content-length" or (
-                lowered == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                self._framed = True
+            elif lowered == b"content-length":
+                length = True
+            elif lowered == b"transfer-encoding":
+                coding = value  # the last one holds the final coding
+            elif lowered == b"keep-alive":
+                self.keep_alive_timeout, self.keep_alive_max = keep_alive_params(value)
+        # As the parser frames it (RFC 9112 section 6.3): chunked only as the final coding; any
+        # other Transfer-Encoding means the body ends with the connection.
+        self.chunked = coding is not None and is_chunked(coding)
+        self._framed = self.chunked if coding is not None else length
         self.headers_done = True
         if self._head_only:
             # A HEAD answer has no body whatever its Content-Length says; the parser cannot
             # be told so, so the connection is not reused.
-            self.eof = True
             self.keep_alive = False
-        self._wake()
+            self._complete()
+        else:
+            self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.state is _DONE:  # a body after a HEAD answer
+            self._end(_DIRTY, "a body after a HEAD answer")
+            raise _Stop
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _PAUSE_AT and not self._paused and self.transport is not None:
@@ -164,30 +493,15 @@ class _Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        self.eof = True
-        self._stop_timer()
-        self._wake()
+        if self.state is _DONE:  # a HEAD answer, complete since its headers
+            return
+        self._complete()
 
     # --- used by Response --------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes, head_only: bool, read_timeout: float) -> None:
-        assert self.transport is not None
-        self._reset()
-        self._head_only = head_only
-        if len(body) < 65536:
-            self.transport.write(head + body)
-        else:
-            self.transport.write(head)
-            self.transport.write(body)  # no copy of a large body
-        # One timer per read_timeout period, re-armed from the time of the last data, not
-        # one per wait: a token stream waits once per token.
-        self._read_timeout = read_timeout
-        self._last_data = self._loop.time()
-        self._timer = self._loop.call_later(read_timeout, self._check_timeout)
-
     def _check_timeout(self) -> None:
         self._timer = None
-        if self.eof or self.closed or self.error is not None:
+        if self.state is not _SENT and self.state is not _READING:
             return
         quiet = self._loop.time() - self._last_data
         if self._paused or quiet < self._read_timeout:
@@ -196,7 +510,7 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(wait, self._check_timeout)
             return
         self._fail(ReadTimeout(f"no data from the model server for {self._read_timeout:g} s"))
-        self.close()
+        self._end(_DIRTY, "read timeout")
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -226,14 +540,8 @@ class _Connection(asyncio.Protocol):
     def has_data(self) -> bool:
         return bool(self._chunks)
 
-    def close(self) -> None:
-        self.closed = True
-        self._stop_timer()
-        if self.transport is not None:
-            self.transport.close()
-
     def _fail(self, error: UpstreamError) -> None:
-        if self.error is None:
+        if self.error is None and not self.eof:
             self.error = error
         self._wake()
 
@@ -245,13 +553,14 @@ class _Connection(asyncio.Protocol):
 
 class Response:
     """An answer being read. ``read()`` gives what has arrived, b"" at the end; ``release()``
-    must follow (the connection goes back to the pool only after a complete answer)."""
+    must follow, once (the connection goes back to the pool only after a complete answer)."""
 
-    __slots__ = ("_conn", "_pool", "content_type", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_released", "content_type", "headers", "status")
 
     def __init__(self, conn: _Connection, pool: UpstreamPool) -> None:
         self._conn = conn
         self._pool = pool
+        self._released = False
         self.status = conn.status
         self.headers = conn.headers  # raw (name, value) pairs as the server sent them
         self.content_type = conn.content_type  # b"" when absent
@@ -278,20 +587,27 @@ class Response:
         return self._conn.eof and not self._conn.has_data
 
     def release(self) -> None:
+        if self._released:  # the connection may already carry another request
+            return
+        self._released = True
         self._pool.give_back(self._conn)
 
 
 class UpstreamPool:
     """Keep-alive connections to the model servers, by (host, port).
 
-    An idle connection older than ``idle_timeout`` is not reused: engines close theirs
-    (llama.cpp after 5 s), and one closed just as a request is written costs a retry.
+    An idle connection is not reused after ``idle_timeout`` (engines close theirs: llama.cpp
+    after 5 s), nor after the server's own ``Keep-Alive: timeout`` less a margin, nor within
+    ``stream_settle`` of a chunked answer unless its server keeps such connections.
     """
 
-    def __init__(self, idle_timeout: float = 4.0) -> None:
+    def __init__(self, idle_timeout: float = 4.0, stream_settle: float = _STREAM_SETTLE) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._idle_timeout = idle_timeout
+        self._settle = stream_settle
         self._open: set[_Connection] = set()
+        # Servers seen keeping a connection open past stream_settle after a chunked answer.
+        self._keeps_streams: set[tuple[str, int]] = set()
 
     async def request(
         self,
@@ -321,27 +637,23 @@ class UpstreamPool:
                     raise conn.error
                 await conn.wait()
         except BaseException:
-            self._discard(conn)
+            conn.abandon()
             raise
         return Response(conn, self)
 
     def give_back(self, conn: _Connection) -> None:
-        # No timer to stop: a complete answer stopped it, and a discarded connection's
-        # close() does.
-        if conn.closed or not conn.eof or not conn.keep_alive or conn.has_data:
-            self._discard(conn)
+        """Pools a connection whose answer was read to its end; closes any other."""
+        if conn.state in _FINAL or not conn.make_idle(self._idle_timeout):
             return
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= _IDLE_PER_SERVER:
-            self._discard(conn)
+            conn.close("the pool is full")
             return
-        conn.reused = True
-        conn.idle_since = time.monotonic()
         idle.append(conn)
 
     def close(self) -> None:
         for conn in list(self._open):
-            conn.close()
+            conn.close("the pool closed")
         self._open.clear()
         self._idle.clear()
 
@@ -349,17 +661,30 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return len(self._open)
 
+    def idle_connections(self, host: str, port: int) -> int:
+        return len(self._idle.get((host, port), ()))
+
+    def keeps_streams(self, host: str, port: int) -> bool:
+        """Whether connections to this server are reused right after a chunked answer."""
+        return (host, port) in self._keeps_streams
+
     def _reuse(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
-        limit = time.monotonic() - self._idle_timeout
-        while idle:
-            conn = idle.pop()  # the most recently used: the least likely to be closed
-            if conn.closed or conn.idle_since < limit:
-                self._discard(conn)
-                continue
-            return conn
+        now = idle[-1]._loop.time()
+        trusted = key in self._keeps_streams
+        # From the most recently used, the least likely to be closed.
+        for index in range(len(idle) - 1, -1, -1):
+            conn = idle[index]
+            settled = not conn.chunked or now - conn.done_at >= self._settle
+            if not (settled or trusted):
+                continue  # it may yet be closed by its server
+            del idle[index]
+            if conn.usable(now):
+                if conn.chunked and not trusted:
+                    self._keeps_streams.add(key)  # it outlived the settle time
+                return conn
         return None
 
     async def _connect(self, key: tuple[str, int], timeout: float) -> _Connection:
@@ -367,18 +692,23 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(key, self._discard, loop), *key
+                    lambda: _Connection(key, self._forget, loop), *key
                 )
         except TimeoutError:
             raise ConnectTimeout(f"cannot connect to {key[0]}:{key[1]}") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
+        if conn.closed:  # closed by the server before the loop handed it over
+            raise Dropped("the model server closed the connection at once", False, sent=False)
         self._open.add(conn)
         return conn
 
-    def _discard(self, conn: _Connection) -> None:
-        conn.close()
+    def _forget(self, conn: _Connection) -> None:
+        """Called by a connection that reached DIRTY or CLOSED."""
         self._open.discard(conn)
+        age = conn.closed_after_chunked
+        if age is not None and age < self._settle:
+            self._keeps_streams.discard(conn.key)  # it closes connections after streams
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
