@@ -214,3 +214,22 @@ async def test_a_transfer_encoding_not_ending_in_chunked_is_not_chunked(
             assert await resp.read() == NOT_CHUNKED_BODY
         assert await statuses(mgr) == [200]
         assert len(received(log)) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/status/204", 204), ("GET", "/status/304", 304), ("HEAD", "/anything", 200)],
+)
+async def test_answers_without_a_body_are_relayed_without_one(
+    tmp_path: Path, method: str, path: str, status: int
+) -> None:
+    models, log = raw_model(tmp_path, "bodiless")
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        for _ in range(3):  # and the connection stays usable, for the client and upstream
+            async with mgr.http.request(method, f"{mgr.url}{path}?model=m") as resp:
+                assert resp.status == status
+                assert await resp.read() == b""
+                assert resp.headers["x-kept"] == "kept"
+                assert "x-hop" not in resp.headers  # named by Connection: hop-by-hop
+        assert len(received(log)) == 3
+        assert await statuses(mgr) == [status] * 3

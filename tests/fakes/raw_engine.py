@@ -30,6 +30,9 @@ Scenarios (``seq`` is the index of a model request on its connection):
 - ``idle-close``: the engine closes a connection 0.2 s after each answer.
 - ``te-notchunked``: the answer says ``Transfer-Encoding: gzip-notchunked`` (not chunked:
   the body ends with the connection) and its body looks like chunks.
+- ``bodiless``: answers without a body that carry a Content-Length anyway: ``/status/204``
+  and ``/status/304`` (with ``Connection: x-hop`` naming a header ``X-Hop`` that must not
+  be relayed), and any HEAD request (200, ``Content-Length: 10``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ SCENARIOS = (
     "keep-alive-limits",
     "idle-close",
     "te-notchunked",
+    "bodiless",
 )
 NOT_CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"  # what te-notchunked sends after its headers
 
@@ -144,6 +148,15 @@ class Engine:
             await writer.drain()
             writer.close()
             return False
+        if scenario == "bodiless":
+            status = {b"/status/204": b"204 No Content", b"/status/304": b"304 Not Modified"}
+            line = b"200 OK" if method == b"HEAD" else status.get(path.split(b"?")[0], b"200 OK")
+            writer.write(
+                b"HTTP/1.1 " + line + b"\r\nContent-Length: 10\r\nX-Hop: hop"
+                b"\r\nConnection: x-hop\r\nX-Kept: kept\r\n\r\n"
+            )
+            await writer.drain()
+            return True
         headers: tuple[bytes, ...] = ()
         if scenario == "connection-close":
             headers = (b"Connection: close",)
