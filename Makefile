@@ -24,9 +24,13 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	touch $(RUN_STAMP)
 
 # Serves the built-in quick-start configuration unless ./llm-manager.yaml or
-# $LLM_MANAGER_CONFIG names another one.
+# $LLM_MANAGER_CONFIG names another one. `make run PORT=8081` serves on another port,
+# `make run CONFIG=path/to/config.yaml` another configuration. Only values given on make's
+# command line count: a PORT exported in the environment for some other program is ignored.
+RUN_PORT := $(if $(filter command line,$(origin PORT)),$(strip $(PORT)))
+RUN_CONFIG := $(if $(filter command line,$(origin CONFIG)),$(strip $(CONFIG)))
 run: $(RUN_STAMP)
-	$(BIN)/llm-manager serve
+	$(BIN)/llm-manager serve$(if $(RUN_CONFIG), --config '$(RUN_CONFIG)')$(if $(RUN_PORT), --port '$(RUN_PORT)')
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -197,7 +197,7 @@ async def test_other_origins_cannot_drive_models(tmp_path: Path, spawn_log: Path
                 row = page.locator("#models tbody tr[data-model=m]")
                 await expect(row.locator(".badge")).to_have_text("stopped")
                 await row.locator("button.start").click()
-                await expect(row.locator(".badge")).to_have_text("routing", timeout=15000)
+                await expect(row.locator(".badge")).to_have_text("ready", timeout=15000)
                 await row.locator("button.stop").click()
                 await expect(row.locator(".badge")).to_have_text("stopped", timeout=15000)
                 await page.click("#stop-all")

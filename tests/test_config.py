@@ -337,7 +337,7 @@ def test_health_path_without_slash() -> None:
 def test_unknown_key_in_model() -> None:
     p = only_problem(model_yaml("aliasses: [x]\nschemes:\n  s: {command: run}\n"))
     assert (p.path, p.line) == ("models.m.aliasses", 3)
-    assert p.message == "unknown key (not part of the configuration)"
+    assert p.message == "unknown key (not part of the configuration); did you mean 'aliases'?"
 
 
 def test_unknown_top_level_key() -> None:

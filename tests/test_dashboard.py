@@ -82,12 +82,15 @@ async def test_dashboard_in_chromium(tmp_path: Path, spawn_log: Path) -> None:
             assert names == ["chat", EVIL, "embed"]
             evil_row = page.locator(f'#models tbody tr[data-model="{EVIL}"]')
             assert await evil_row.locator("td").nth(1).text_content() == "<b>x</b>"
-            await expect(page.locator("#models tbody tr[data-model=chat] .badge")).to_have_text(
-                "routing"
-            )
+            chat_row = page.locator("#models tbody tr[data-model=chat]")
+            await expect(chat_row.locator(".badge")).to_have_text("ready")  # the API's "routing"
+            assert await chat_row.get_attribute("data-state") == "routing"
+            assert await chat_row.locator("td").nth(2).text_content() == "chat"  # not "Chat"
+            scheme_cell = chat_row.locator("td").nth(4)
+            assert (await scheme_cell.get_attribute("title") or "").startswith("command: ")
             await expect(evil_row.locator(".badge")).to_have_text("stopped")
             await evil_row.locator("button.start").click()
-            await expect(evil_row.locator(".badge")).to_have_text("routing", timeout=15000)
+            await expect(evil_row.locator(".badge")).to_have_text("ready", timeout=15000)
             assert await page.evaluate("window.__sameDocument") == 42  # no reload
             await expect(page.locator("#conn")).to_have_text("live")
             await _shot(page, "models")

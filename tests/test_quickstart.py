@@ -115,7 +115,9 @@ def test_builtin_configuration_is_the_quickstart(
     text = quickstart.banner(config, "http://127.0.0.1:8080")
     assert "http://127.0.0.1:8080/v1" in text
     assert "gemma-3-270m (alias gemma): chat" in text
-    assert "curl http://127.0.0.1:8080/v1/chat/completions" in text
+    assert "curl http://127.0.0.1:8080/v1/completions" in text  # a base model continues text
+    assert quickstart.FIRST_PROMPT in text
+    assert "curl http://127.0.0.1:8080/v1/embeddings" in text
 
 
 def test_gguf_is_written_once_atomically(tmp_path: Path) -> None:

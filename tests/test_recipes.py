@@ -93,6 +93,15 @@ MESSAGES = [
     "cannot serve on",
     "llm-manager.db",
     "processes.json",
+    # issue 16: the CLI finding its server, the port taken, commands found, log levels
+    "cannot reach LLM-Manager at",
+    "(before or after the command)",
+    "Another program already listens on port",
+    "did not answer JSON: is it LLM-Manager?",
+    "commands not found on PATH are also looked for in",
+    "warning(s): the file is valid",
+    "url.json",
+    "Traceback (most recent call last):",
 ]
 
 

@@ -210,11 +210,12 @@ def test_client_commands(tmp_path: Path, spawn_log: Path, manager_procs: list[Ma
     assert result.returncode == 0 and "model 'tiny-chat' started" in result.stdout
     result = m.cli("models")
     assert result.returncode == 0
-    assert "tiny-chat" in result.stdout and "routing" in result.stdout
+    assert "tiny-chat" in result.stdout and "ready" in result.stdout  # the API's "routing"
     result = m.cli("models", "--json")
     assert json.loads(result.stdout)["models"]["tiny-chat"]["status"] == "routing"
     result = m.cli("info", "tiny")
-    assert result.returncode == 0 and "config_source" in result.stdout and "CPU" in result.stdout
+    assert result.returncode == 0 and "scheme" in result.stdout and "CPU" in result.stdout
+    assert "config_source" not in result.stdout and "command" in result.stdout
     result = m.cli("info", "tiny", "--json")
     assert json.loads(result.stdout)["model"]["pid"] == read_pids(spawn_log)[0]
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}

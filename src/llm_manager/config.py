@@ -6,6 +6,7 @@ Every problem in a file is reported at once, each with its YAML path
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -52,6 +54,64 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# Memory sizes (a scheme's ``devices``): a bare number is MiB; a unit follows GNU
+# coreutils (``df``, ``dd``, ``numfmt``): K, M, G, T and KiB, MiB, GiB, TiB are powers of
+# 1024; KB, MB, GB, TB powers of 1000. Units ignore case. Rounded up to whole MiB: a
+# requirement is never understated.
+_MIB = 1024 * 1024
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_UNITS: dict[str, int] = {"b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    for _suffix in ("", "i", "ib"):
+        _SIZE_UNITS[_letter + _suffix] = 1024**_power
+    _SIZE_UNITS[_letter + "b"] = 1000**_power
+SIZE_HELP = (
+    "write MiB as a whole number (800), or a number and a unit: 800MiB, 8GiB, 1.5G "
+    "(K, M, G, T, KiB, MiB, GiB, TiB: powers of 1024) or 800MB (KB, MB, GB, TB: powers of 1000)"
+)
+
+
+def parse_mib(value: object) -> object:
+    """``800``, ``800MiB``, ``8GiB``, ``1.5G``, ``800MB`` -> whole MiB (rounded up).
+
+    Whole numbers are passed on (the field's own checks judge them, a negative one
+    included); anything else that is not a size says how to write one.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a memory size: {SIZE_HELP}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value):
+        raise ValueError(f"{value!r}: a size without a unit is whole MiB; {SIZE_HELP}")
+    if not isinstance(value, str):
+        return value
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit and unit not in _SIZE_UNITS):
+        raise ValueError(f"{value!r} is not a memory size: {SIZE_HELP}")
+    number = float(match.group(1))
+    if not unit:
+        if not number.is_integer():
+            raise ValueError(f"{value!r}: a size without a unit is whole MiB; {SIZE_HELP}")
+        return int(number)
+    return math.ceil(number * _SIZE_UNITS[unit] / _MIB)
+
+
+MemoryMiB = Annotated[
+    int,
+    BeforeValidator(parse_mib),
+    Field(ge=0),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*[a-zA-Z]*\s*$"},
+            ],
+            "description": "MiB as a number, or a size with a unit: 800MiB, 8GiB, 1.5G, 800MB.",
+        }
+    ),
+]
 Mode = Literal["chat", "base", "embedding", "reranker"]
 MODE_LABELS: dict[str, str] = {
     "chat": "Chat",
@@ -201,9 +261,10 @@ DeviceKey = Annotated[str, AfterValidator(_device_key)]
 class SchemeConfig(_Strict):
     """One way to start a model on one combination of devices."""
 
-    devices: dict[DeviceKey, Annotated[int, Field(ge=0)]] = Field(
+    devices: dict[DeviceKey, MemoryMiB] = Field(
         default_factory=dict,
-        description="Device key -> MiB the model needs there (0 = must be present).",
+        description="Device key -> MiB the model needs there (0 = must be present); "
+        "a number is MiB, or a size such as 8GiB, 1.5G or 800MB.",
     )
     command: str | list[str] | None = Field(
         None, description="Command line (split like a shell line, run without a shell)."
@@ -390,9 +451,45 @@ def _format_pydantic(
         msg = "required key is missing"
     elif kind == "extra_forbidden":
         msg = "unknown key (not part of the configuration)"
+        if loc:
+            meant = _did_you_mean(loc[-1], _known_keys(loc[:-1]))
+            if meant:
+                msg += f"; did you mean {meant!r}?"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return loc, msg
+
+
+def _did_you_mean(key: str, known: list[str]) -> str | None:
+    """The known key a mistyped one most likely meant: a close spelling (difflib), else a
+    known key that the typed one starts with or abbreviates (``environment`` -> ``env``)."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    lowered = key.lower()
+    for name in known:
+        if len(name) >= 3 and (lowered.startswith(name) or name.startswith(lowered)):
+            return name
+    return None
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    """The keys a mapping at ``loc`` may hold (for "did you mean"); [] where free-form."""
+    model: type[BaseModel] = Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is Config and part == "server":
+            model = ServerConfig
+        elif model is Config and part in ("devices", "models") and parts:
+            parts.pop(0)  # the list index, or the model's name
+            model = DeviceConfig if part == "devices" else ModelConfig
+        elif model is ModelConfig and part == "schemes" and parts:
+            parts.pop(0)  # the scheme's name
+            model = SchemeConfig
+        else:
+            return []
+    return list(model.model_fields)
 
 
 def _normalise(name: str) -> str:

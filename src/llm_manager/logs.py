@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llm_manager.errors import StorageUnavailable
+from llm_manager.loglevel import INFO, LEVELS, StreamLevels
 
 log = logging.getLogger("llm_manager.model")
 
@@ -31,6 +32,9 @@ class LogLine:
     timestamp: float
     stream: str  # stdout | stderr | manager
     message: str
+    # error | warning | info, read from the message (loglevel.py), never from the stream:
+    # llama.cpp writes everything to stderr.
+    level: str = INFO
 
 
 class Subscription:
@@ -80,10 +84,12 @@ class ModelLog:
         self._subscribers: set[Subscription] = set()
         self._subscriber_limit = subscriber_limit
         self._seq = 0
+        self._levels = StreamLevels()
 
     def append(self, stream: str, message: str) -> None:
         self._seq += 1
-        line = LogLine(self._seq, time.time(), stream, message)
+        level = self._levels.level(stream, message)
+        line = LogLine(self._seq, time.time(), stream, message, level)
         self._lines.append(line)
         if self._persist is not None:
             self._persist(self.model, line.timestamp, stream, message)
@@ -97,9 +103,11 @@ class ModelLog:
 
     def load(self, lines: list[tuple[float, str, str]]) -> None:
         """History from an earlier run, before anything new is appended."""
+        levels = StreamLevels()  # an earlier run's tracebacks are its own
         for timestamp, stream, message in lines:
             self._seq += 1
-            self._lines.append(LogLine(self._seq, timestamp, stream, message))
+            level = levels.level(stream, message)
+            self._lines.append(LogLine(self._seq, timestamp, stream, message, level))
 
     def lines(self) -> list[LogLine]:
         return list(self._lines)
@@ -125,6 +133,13 @@ class ModelLog:
         self._lines.clear()
         self._lines.extend(kept)
         return removed
+
+    def level_counts(self) -> dict[str, int]:
+        """Lines kept in memory per level (every level present, 0 where none)."""
+        counts = dict.fromkeys(LEVELS, 0)
+        for line in self._lines:
+            counts[line.level] += 1
+        return counts
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -190,6 +205,11 @@ class LogBook:
             except StorageUnavailable:
                 pass
         return {name: len(lg) for name, lg in self._logs.items()}
+
+    def level_counts(self) -> dict[str, dict[str, int]]:
+        """Per model, the in-memory lines per level (error, warning, info): what the log
+        statistics count as errors and warnings, read from each line's content."""
+        return {name: model_log.level_counts() for name, model_log in self._logs.items()}
 
     async def retention_loop(self, interval: float = 60.0) -> None:
         settings = self.settings

@@ -187,7 +187,7 @@ def prepare(model: str, data_dir: Path) -> Path | None:
 
 def banner(config: Config, base_url: str) -> str:
     """What to tell a person who just started the server: where to point a client, the
-    models, and a first request that works against the configured models."""
+    models, and first requests that work against the configured models."""
     base = base_url.rstrip("/")
     key = "one of server.api_keys" if config.server.api_keys else "any API key"
     lines = [f"Point any OpenAI client at {base}/v1 ({key})."]
@@ -196,31 +196,38 @@ def banner(config: Config, base_url: str) -> str:
         for name, model in config.models.items():
             aliases = f" (alias {', '.join(model.aliases)})" if model.aliases else ""
             lines.append(f"  {name}{aliases}: {model.mode}")
-    first = _first_request(config, base)
+    first = first_requests(config, base)
     if first:
-        lines.append("First request:")
-        lines.append(f"  {first}")
+        lines.append("First requests:")
+        lines += [f"  {request}" for request in first]
     return "\n".join(lines)
 
 
-def _first_request(config: Config, base: str) -> str | None:
+# A prompt a small base model completes readably: Gemma 3 270M answers " Berlin." at
+# temperature 0 (scripts/first_hour.py checks it through the README's own curl command).
+FIRST_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def first_requests(config: Config, base: str) -> list[str]:
+    """One curl command per kind of model configured: text completion (a chat or base
+    model: the quick-start Gemma is a base model, which continues text rather than
+    chatting), then embeddings."""
+
     def short(name: str) -> str:
         aliases = config.models[name].aliases
         return aliases[0] if aliases else name
 
-    for mode, path, body in (
-        (
-            "chat",
-            "chat/completions",
-            '"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32',
-        ),
-        ("base", "completions", '"prompt": "Once upon a time", "max_tokens": 32'),
-        ("embedding", "embeddings", '"input": "Hello"'),
+    completion = f'"prompt": "{FIRST_PROMPT}", "max_tokens": 2, "temperature": 0'
+    found = []
+    for modes, path, body in (
+        (("chat", "base"), "completions", completion),
+        (("embedding",), "embeddings", '"input": "Hello"'),
     ):
         for name, model in config.models.items():
-            if model.mode == mode:
-                return (
+            if model.mode in modes:
+                found.append(
                     f"curl {base}/v1/{path} -H 'Content-Type: application/json' "
                     f'-d \'{{"model": "{short(name)}", {body}}}\''
                 )
-    return None
+                break
+    return found

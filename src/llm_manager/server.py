@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from llm_manager import quickstart
+from llm_manager import quickstart, runurl
 from llm_manager.app import Application
 from llm_manager.config import LoadedConfig
 from llm_manager.settings import BUILTIN_SOURCE
@@ -137,7 +137,13 @@ async def serve(
     if loaded.source == BUILTIN_SOURCE:
         for line in quickstart.banner(loaded.config, f"http://{shown}:{actual}").splitlines():
             log.info("%s", line)
-    await server.serve(sockets=[sock])
+    # Lets `llm-manager models` (and the other client commands) find this server.
+    data_dir = loaded.config.server.data_dir
+    runurl.write(data_dir, runurl.client_url(host, actual))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        runurl.remove(data_dir)
     if early is not None and early.received and not server.started:
         return 0  # asked to stop before it had started: not a failure
     return 0 if server.started else 1

