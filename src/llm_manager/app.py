@@ -31,6 +31,7 @@ from llm_manager.messages import Messages
 from llm_manager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_manager.metrics import Metrics
 from llm_manager.models.supervisor import Supervisor
+from llm_manager.ollama.facade import OllamaFacade
 from llm_manager.reload import Reloader
 from llm_manager.store.db import Database
 from llm_manager.store.logs import LogStore
@@ -94,7 +95,10 @@ class Application:
         self.management = self._build_management(Messages(server.language))
         keys = KeyCheck(server.api_keys, server.admin_keys)
         guard = WebGuard.from_server(server)  # Host and Origin: docs/security.md
-        dispatcher = Dispatcher(self.management, self.gateway, keys, _deny, guard)
+        ollama = None
+        if server.ollama_api:  # the Ollama API facade: docs/api.md, "Ollama API"
+            ollama = OllamaFacade(self.supervisor, self.gateway, self._ollama_limits, __version__)
+        dispatcher = Dispatcher(self.management, self.gateway, keys, _deny, guard, ollama=ollama)
         self.asgi: Any = dispatcher
         if server.cors_origins:
             self.asgi = CORSMiddleware(
@@ -168,6 +172,11 @@ class Application:
         self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
         if self._watch:
             self._tasks.append(asyncio.create_task(self.reloader.watch(), name="watch"))
+
+    def _ollama_limits(self) -> tuple[float, float, int]:
+        """The start-up configuration's (a reload reports them as needing a restart)."""
+        server = self.loaded.config.server
+        return server.ollama_keep_alive_min, server.ollama_keep_alive_max, server.max_body_bytes
 
     def _record(self, record: RequestRecord) -> None:
         """Every forwarded request ends here: one row for SQLite, and the counters."""

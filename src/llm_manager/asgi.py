@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from llm_manager.api.errors import error_response
 from llm_manager.auth import KeyCheck, presented, required
 from llm_manager.gateway.forward import Receive, Scope, Send
+from llm_manager.ollama.facade import send_error as ollama_error
+from llm_manager.ollama.paths import is_ollama
 from llm_manager.web_guard import READ_METHODS, Refusal, WebGuard
 
 _EXACT = frozenset(
@@ -52,7 +54,9 @@ class Dispatcher:
         deny: Callable[[Scope, Receive, Send, bool], Awaitable[None]],
         guard: WebGuard | None = None,
         refuse: Callable[[Scope, Receive, Send, bool, Refusal], Awaitable[None]] = refuse,
+        ollama: object | None = None,
     ) -> None:
+        self._ollama = ollama
         self._management = management
         self._gateway = gateway
         self._keys = keys
@@ -63,6 +67,9 @@ class Dispatcher:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            if self._ollama is not None and is_ollama(path):
+                await self._serve_ollama(self._ollama, scope, receive, send)
+                return
             management = is_management(path)
             if self._guard is not None:
                 # Forwarded requests run a model; management writes change state.
@@ -80,3 +87,26 @@ class Dispatcher:
                 await self._gateway(scope, receive, send)  # type: ignore[operator]
                 return
         await self._management(scope, receive, send)  # type: ignore[operator]
+
+    async def _serve_ollama(
+        self, ollama: object, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """The Ollama API (ollama/): the guard as for any request (its POSTs are writes: they
+        run models), the API key as for the gateway, refusals in Ollama's shape."""
+        if self._guard is not None:
+            refusal = self._guard.check(scope["headers"], scope["method"] not in READ_METHODS)
+            if refusal is not None:
+                await ollama_error(send, 403, f"{refusal.message}: {refusal.detail}")
+                return
+        if self._keys.enabled:
+            need = required(scope["method"], scope["path"], False)
+            if not self._keys.allows(need, presented(scope["headers"])):
+                await ollama_error(
+                    send,
+                    401,
+                    "missing or invalid API key: send it as 'Authorization: Bearer KEY' "
+                    "or 'x-api-key: KEY'",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
+        await ollama(scope, receive, send)  # type: ignore[operator]

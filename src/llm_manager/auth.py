@@ -6,7 +6,9 @@
 - management writes (``POST``/``PUT``/``DELETE`` on ``/api/*``), ``/metrics`` and ``/ui``
   need one of ``admin_keys`` (or of ``api_keys`` when no admin key is set, so that setting
   only ``api_keys`` never leaves the management API open);
-- management reads (``GET /api/*``) need any key once keys are set.
+- management reads (``GET /api/*``) need any key once keys are set;
+- the Ollama API's paths (``/api/chat``, ``/api/tags``..., ollama/paths.py) need one of
+  ``api_keys``, as forwarded requests do, whatever the method.
 
 Keys come as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``; comparison takes the same
 time whatever the key (no early exit on the first differing byte).
@@ -17,6 +19,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from enum import Enum
+
+from llm_manager.ollama.paths import is_ollama
 
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/redoc", "/openapi.json"})
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -36,6 +40,8 @@ def required(method: str, path: str, management: bool) -> Need:
         return Need.NOTHING
     if path == "/metrics" or path == "/ui" or path.startswith("/ui/"):
         return Need.ADMIN_KEY
+    if is_ollama(path):  # the Ollama API runs models, as the gateway does
+        return Need.API_KEY
     if path.startswith("/api/"):
         return Need.ADMIN_KEY if method in _WRITE_METHODS else Need.ANY_KEY
     if not management or path.startswith("/v1/") or path == "/v1":

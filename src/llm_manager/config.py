@@ -221,6 +221,26 @@ class ServerConfig(_Strict):
         description="While a streamed request waits for its model, send an SSE comment line "
         "this often to keep the client's connection alive; 0 = off.",
     )
+    ollama_api: bool = Field(
+        True, description="Serve the Ollama API (/api/tags, /api/chat...; docs/api.md)."
+    )
+    ollama_keep_alive_min: Duration = Field(
+        0.0,
+        description="Floor of an Ollama request's keep_alive (0 lets a client unload a "
+        "model after its answer with keep_alive 0).",
+    )
+    ollama_keep_alive_max: Duration = Field(
+        3600.0,
+        description="Ceiling of an Ollama request's keep_alive; a longer one, or a negative "
+        "one (keep forever), is cut to this; 0 = no ceiling (clients may pin a model).",
+    )
+
+    @model_validator(mode="after")
+    def _keep_alive_range(self) -> ServerConfig:
+        top = self.ollama_keep_alive_max
+        if top and self.ollama_keep_alive_min > top:
+            raise ValueError("ollama_keep_alive_min is above ollama_keep_alive_max")
+        return self
 
 
 class DeviceConfig(_Strict):
@@ -258,6 +278,65 @@ def _device_key(key: str) -> str:
 DeviceKey = Annotated[str, AfterValidator(_device_key)]
 
 
+HOOK_TIMEOUT = 30.0  # seconds a hook or stop_command may run unless it sets its own timeout
+
+
+def _hook_form(value: object) -> object:
+    # A bare command (string or list) is short for {command: ...}.
+    if isinstance(value, str | list):
+        return {"command": value}
+    return value
+
+
+class _HookSpec(_Strict):
+    """A command run at a point of a model's start or stop."""
+
+    command: str | list[str] = Field(
+        description="Command line (split like a shell line, run without a shell)."
+    )
+    timeout: Duration = Field(
+        HOOK_TIMEOUT,
+        gt=0,
+        description="Seconds it may run; past it its process group is killed (a failure).",
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("the command is an empty list")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the command is empty")
+        return value
+
+
+HookCommand = Annotated[_HookSpec, BeforeValidator(_hook_form)]
+
+
+class HooksConfig(_Strict):
+    """A scheme's hooks: each a command (string or list) or {command, timeout}."""
+
+    before_start: HookCommand | None = Field(
+        None, description="Before the process starts; failing fails the start."
+    )
+    after_start: HookCommand | None = Field(
+        None, description="Once the model is ready, before it routes; failing fails the start."
+    )
+    before_stop: HookCommand | None = Field(
+        None, description="At every stop, before stop_command and the signals; failure logged."
+    )
+    after_stop: HookCommand | None = Field(
+        None, description="At every stop, once the process group is gone; failure logged."
+    )
+
+    @field_validator("before_start")
+    @classmethod
+    def _no_pid(cls, value: _HookSpec | None) -> _HookSpec | None:
+        if value is not None and "{pid}" in str(value.command):
+            raise ValueError("before_start runs before there is a process: {pid} is unknown")
+        return value
+
+
 class SchemeConfig(_Strict):
     """One way to start a model on one combination of devices."""
 
@@ -272,6 +351,15 @@ class SchemeConfig(_Strict):
     script: str | None = Field(None, description="A script file to run instead of a command.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     cwd: str | None = Field(None, description="Working directory of the process.")
+    stop_command: HookCommand | None = Field(
+        None,
+        description="Run at every stop before the signals (docker stop llm-{name}); "
+        "placeholders as in command plus {pid}; then SIGTERM/SIGKILL end whatever is left.",
+    )
+    hooks: HooksConfig = Field(
+        default_factory=HooksConfig,  # type: ignore[arg-type]
+        description="Commands run before/after start and before/after stop.",
+    )
 
     @model_validator(mode="after")
     def _one_launcher(self) -> SchemeConfig:
@@ -487,6 +575,8 @@ def _known_keys(loc: tuple[str, ...]) -> list[str]:
         elif model is ModelConfig and part == "schemes" and parts:
             parts.pop(0)  # the scheme's name
             model = SchemeConfig
+        elif model is SchemeConfig and part == "hooks":
+            model = HooksConfig
         else:
             return []
     return list(model.model_fields)

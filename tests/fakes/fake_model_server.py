@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 
 def parse_args() -> argparse.Namespace:
@@ -235,7 +237,61 @@ async def serve(args: argparse.Namespace) -> None:
         await resp.write_eof()
         return resp
 
-    app = web.Application()
+    async def form(request: web.Request) -> web.Response:
+        """Audio transcriptions and image edits: a multipart form, read as a stream. The
+        answer says what arrived: the form's fields, and each file's size and SHA-256."""
+        fields: dict[str, str] = {}
+        files: dict[str, dict[str, object]] = {}
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, BodyPartReader)
+            if part.filename is None:
+                fields[part.name or ""] = (await part.read()).decode()
+                continue
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := await part.read_chunk(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            files[part.name or ""] = {"bytes": size, "sha256": digest.hexdigest()}
+        seen = {"served_by": args.name, "path": request.path, "fields": fields, "files": files}
+        if request.path.endswith("/transcriptions"):
+            return web.json_response(
+                {
+                    "text": f"transcribed by {fields.get('model')}",
+                    "seen": seen,
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                }
+            )
+        return web.json_response(
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": "aGVsbG8=", "revised_prompt": fields.get("prompt")}],
+                "seen": seen,
+            }
+        )
+
+    async def props(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"served_by": args.name, "query": request.rel_url.raw_query_string}
+        )
+
+    async def gzipped(request: web.Request) -> web.Response:
+        """As llama.cpp serves its web UI: gzipped, and 415 to clients that do not accept
+        gzip."""
+        if "gzip" not in request.headers.get("Accept-Encoding", ""):
+            return web.Response(status=415, text="gzip is not supported by this browser")
+        page = f"<html><body>page of {args.name}</body></html>".encode()
+        return web.Response(
+            body=gzip.compress(page),
+            headers={"Content-Encoding": "gzip", "Content-Type": "text/html"},
+        )
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits"):
+        app.router.add_post(path, form)
+    app.router.add_get("/props", props)
+    app.router.add_get("/gz", gzipped)
     app.router.add_route("*", "/v1/echo", echo)
     app.router.add_post("/v1/completions", completions)
     for path in ("/v1/rerank", "/rerank", "/v1/reranking"):

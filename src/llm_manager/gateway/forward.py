@@ -13,10 +13,10 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 from llm_manager.errors import (
     BadRequest,
@@ -30,6 +30,7 @@ from llm_manager.errors import (
 )
 from llm_manager.gateway import endpoints
 from llm_manager.gateway.model_field import read_fields, rename_model
+from llm_manager.gateway.multipart import FormModel, form_model, is_multipart, rename_form_model
 from llm_manager.gateway.upstream import (
     ConnectTimeout,
     Dropped,
@@ -73,6 +74,8 @@ _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 # server wait for bytes that never come.
 _DROP_BODILESS = _DROP_RESPONSE | {b"content-length"}
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
+_LARGE_BODY = 1024 * 1024  # bodies from this size on are read into one preallocated buffer
+_LEADING_SPACE = (b"", b" ", b"\t", b"\r", b"\n")
 _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
 WATCH_AFTER = 0.05  # seconds before a running request starts watching for its client leaving
 
@@ -115,6 +118,9 @@ class Gateway:
         self._record = record
         self._error = error
         self._drop = _DROP_REQUEST | _KEY_HEADERS if settings.strip_keys else _DROP_REQUEST
+        # The passthrough keeps the client's Accept-Encoding: llama.cpp serves its web UI
+        # only gzipped, to clients that accept gzip.
+        self._drop_raw = self._drop - {b"accept-encoding"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,8 +133,11 @@ class Gateway:
             return
         try:
             body = await self._read_body(scope, receive)
-            runtime, body, stream = self._target(scope, body)
+            runtime, body, stream, target = self._target(scope, body)
         except _ClientGone:
+            return
+        except _Redirect as redirect:
+            await _send_redirect(scope, send, redirect.location)
             return
         except ManagerError as exc:
             await self._error(scope, receive, send, exc)
@@ -137,12 +146,13 @@ class Gateway:
             log.exception("unexpected error reading %s %s", scope["method"], scope["path"])
             await self._error(scope, receive, send, _internal(exc))
             return
-        await self._serve(runtime, scope, receive, send, body, began, stream)
+        await self._serve(runtime, scope, receive, send, body, began, stream, target)
 
     # --- request checks ---------------------------------------------------------------------
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._settings.max_body_bytes
+        declared = -1
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -157,17 +167,53 @@ class Gateway:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
-            chunk = message.get("body", b"")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            more = message.get("more_body", False)
+            if not chunks and not more:
+                return chunk  # the common case: the whole body in one message
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+            if more and declared >= _LARGE_BODY and size < declared:
+                return await self._read_large(receive, chunks, size, declared)
+            if not more:
+                return b"".join(chunks)
 
-    def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes, bool]:
-        """The model a request is for, the body to send it, and whether it asks for a
-        stream."""
+    async def _read_large(
+        self, receive: Receive, chunks: list[bytes], size: int, declared: int
+    ) -> bytes:
+        """A large body of a known length, read into one buffer as it arrives: joining the
+        chunks at the end would hold the body twice for a moment (a 20 MiB upload, 40)."""
+        buffer = bytearray(declared)
+        view = memoryview(buffer)
+        at = 0
+        for chunk in chunks:
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        chunks.clear()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            end = at + len(chunk)
+            if end > declared:  # the server frames by Content-Length: not expected
+                raise BadRequest("the request body is longer than its Content-Length")
+            view[at:end] = chunk
+            at = end
+            if not message.get("more_body", False):
+                break
+        view.release()
+        if at != declared:
+            raise BadRequest("the request body is shorter than its Content-Length")
+        # The bytearray goes on as the body (bytes-like everywhere it is used): no copy.
+        return buffer  # type: ignore[return-value]
+
+    def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes, bool, bytes | None]:
+        """The model a request is for, the body to send it, whether it asks for a stream,
+        and the passthrough target when the request is the engine's own (None: the
+        gateway's)."""
         path: str = scope["path"]
         if endpoints.ambiguous_path(scope["raw_path"]):
             raise BadRequest(
@@ -175,10 +221,20 @@ class Gateway:
                 "send the plain path (for example /v1/chat/completions)"
             )
         kind = endpoints.kind_of(path)
+        if kind is None and path.startswith("/upstream/"):  # the model server's own paths
+            runtime, target = self._passthrough(scope, scope["raw_path"])
+            return runtime, body, False, target
         if kind is not None and scope["method"] != "POST":
             raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
-        name, named_in_body, stream = _model_name(scope, body)
+        name, named_in_body, stream, field = _find_model(scope, body)
         if name is None:
+            referred = _referring_upstream(scope["headers"])
+            if referred is not None:
+                # A page of an engine's own UI opened through /upstream/<model>/ calls
+                # absolute paths (/props, /slots) without naming a model: they go to that
+                # model's server, as through /upstream/<model>/.
+                runtime, target = self._passthrough(scope, referred + scope["raw_path"])
+                return runtime, body, False, target
             if kind is None:
                 raise RouteNotFound(f"no route {path} and no model named in the request")
             raise BadRequest("the request names no model: set 'model' in the JSON body")
@@ -192,8 +248,33 @@ class Gateway:
         if named_in_body and name != runtime.name:
             # Called by an alias or a prefix: engines that check the name (vLLM, SGLang)
             # know the model by its configured name. Only those bytes change.
-            body = rename_model(body, runtime.name)
-        return runtime, body, stream
+            if field is not None:
+                body = rename_form_model(body, field, runtime.name)
+            else:
+                body = rename_model(body, runtime.name)
+        return runtime, body, stream, None
+
+    def _passthrough(self, scope: Scope, raw_path: bytes) -> tuple[ModelRuntime, bytes]:
+        """``/upstream/{model}/{path}``: the model, and the target on its server
+        (``/{path}`` and the query string). No mode gate, no model read from the body."""
+        rest = raw_path[len(b"/upstream/") :]
+        segment, slash, path = rest.partition(b"/")
+        if not segment:
+            raise RouteNotFound("name the model: /upstream/{model}/{path}")
+        if not slash:
+            # /upstream/<model>: its pages' relative links need the trailing slash. The
+            # Location is relative, so it holds behind a proxy that adds a path prefix.
+            raise _Redirect(segment + b"/")
+        target = b"/" + path
+        if endpoints.ambiguous_path(target):
+            raise BadRequest(
+                "the path has dot segments, empty segments or encoded slashes; "
+                "send the plain path (for example /upstream/<model>/props)"
+            )
+        runtime = self._supervisor.resolve(unquote_to_bytes(segment).decode("utf-8", "replace"))
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
+        return runtime, target
 
     # --- relaying ---------------------------------------------------------------------------
 
@@ -206,6 +287,7 @@ class Gateway:
         body: bytes,
         began: float,
         stream: bool,
+        target: bytes | None = None,
     ) -> None:
         record = RequestRecord(runtime.name, scope["path"], scope["method"], stream=stream)
         task = asyncio.current_task()
@@ -218,7 +300,7 @@ class Gateway:
         handle = loop.call_later(WATCH_AFTER, watcher.start)
         runtime.acquire()
         try:
-            await self._relay(runtime, scope, receive, send, body, record, began, stream)
+            await self._relay(runtime, scope, receive, send, body, record, began, stream, target)
         except asyncio.CancelledError:
             if watcher.fired is None:
                 raise
@@ -250,6 +332,7 @@ class Gateway:
         record: RequestRecord,
         began: float,
         stream: bool,
+        target: bytes | None = None,
     ) -> None:
         gate = runtime.gate
         queued = time.perf_counter()
@@ -272,7 +355,7 @@ class Gateway:
                 stops = runtime.stops  # a stop from now on cuts this request: say so
                 if keepalive is not None:
                     await keepalive.stop()
-                upstream = await self._open(runtime, scope, body)  # 502 or 504
+                upstream = await self._open(runtime, scope, body, target)  # 502 or 504
             except ManagerError as exc:
                 if isinstance(exc, UpstreamFailed) and runtime.stops != stops:
                     exc = UpstreamFailed(_stopped_while_answering(runtime))
@@ -288,7 +371,9 @@ class Gateway:
             started = keepalive is not None and keepalive.started
             try:
                 try:
-                    await self._pipe(upstream, send, record, began, own_time, answered, started)
+                    await self._pipe(
+                        upstream, send, record, began, own_time, answered, started, target
+                    )
                 except UpstreamError:
                     if runtime.stops == stops:
                         raise
@@ -305,16 +390,23 @@ class Gateway:
             if entered:
                 runtime.dismiss()
 
-    async def _open(self, runtime: ModelRuntime, scope: Scope, body: bytes) -> Response:
+    async def _open(
+        self, runtime: ModelRuntime, scope: Scope, body: bytes, passthrough: bytes | None
+    ) -> Response:
         port = runtime.port
         if port is None:  # stopped between becoming ready and here
             raise UpstreamFailed(f"model {runtime.name!r} is not running")
-        target: bytes = scope["raw_path"]
-        if scope["query_string"]:
-            target += b"?" + scope["query_string"]
-        drop = self._drop
-        headers = [item for item in scope["headers"] if item[0] not in drop]
-        headers.append(_IDENTITY)
+        if passthrough is None:
+            target: bytes = scope["raw_path"]
+            if scope["query_string"]:
+                target += b"?" + scope["query_string"]
+            drop = self._drop
+            headers = [item for item in scope["headers"] if item[0] not in drop]
+            headers.append(_IDENTITY)
+        else:  # the client's Accept-Encoding goes through: the answer may come compressed
+            target = passthrough
+            drop = self._drop_raw
+            headers = [item for item in scope["headers"] if item[0] not in drop]
         method: str = scope["method"]
         host = UPSTREAM_HOST
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
@@ -365,6 +457,7 @@ class Gateway:
         own_time: float,
         answered: float,
         started: bool = False,
+        passthrough: bytes | None = None,
     ) -> None:
         record.status = upstream.status
         if started:  # keep-alive comments went out: the answer is already a 200 stream
@@ -373,6 +466,8 @@ class Gateway:
         content_type = upstream.content_type
         sse = content_type.startswith(b"text/event-stream")
         scan_json = b"json" in content_type
+        if passthrough is not None and _encoded(upstream.headers):
+            sse = scan_json = False  # compressed (the passthrough keeps Accept-Encoding)
         record.stream = sse or record.stream  # asked for, or answered as, a stream
         failing = upstream.status >= 400  # the engine's own error: its words go in the record
         headers = []
@@ -539,8 +634,15 @@ def _apply(record: RequestRecord, usage: Usage) -> None:
 
 
 def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
-    """``model`` from the JSON body, else from ``?model=``; whether the body named it; and
-    whether the body asks for a stream.
+    """``model`` from the body, else from ``?model=``; whether the body named it; and whether
+    the body asks for a stream (``_find_model`` without the form field)."""
+    return _find_model(scope, body)[:3]
+
+
+def _find_model(scope: Scope, body: bytes) -> tuple[str | None, bool, bool, FormModel | None]:
+    """``model`` from the JSON body (or the ``model`` field of a multipart form), else from
+    ``?model=``; whether the body named it; whether the body asks for a stream; and the
+    form field, for a multipart body that named it.
 
     A ``model`` that is present but not a non-empty string is 400.
     """
@@ -549,25 +651,81 @@ def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
         for key, value in parse_qsl(scope["query_string"].decode("latin-1")):
             if key == "model" and value:
                 query_model = value
-    stripped = body.lstrip()
-    if not stripped:
-        return query_model, False, False
-    if stripped[:1] not in (b"{", b"["):
+    first = body[:1]
+    if first != b"{" and first != b"[" and first in _LEADING_SPACE:
+        # Rare (b"" is in it too): look past leading whitespace. No body.lstrip() up
+        # front: a large body is a bytearray (see _read_large), which lstrip would copy.
+        first = body.lstrip()[:1]
+        if not first:
+            return query_model, False, False, None
+    if first != b"{" and first != b"[":
+        content_type = _content_type(scope.get("headers") or ())
+        if is_multipart(content_type):
+            # A form upload (audio transcriptions, image edits): its "model" field, as a
+            # JSON body's, names the model; ?model= when the form has none.
+            field = form_model(body, content_type)
+            if field is not None:
+                return field.name, True, False, field
         if query_model is not None:
-            return query_model, False, False  # not JSON (a file upload): ?model= names it
+            return query_model, False, False, None  # not JSON (a file upload): ?model=
         raise BadRequest("the request body is not JSON")
     try:
         fields = read_fields(body)
     except BadRequest:
         if query_model is not None:
-            return query_model, False, False
+            return query_model, False, False, None
         raise
     if not fields.has_model:
-        return query_model, False, fields.stream
+        return query_model, False, fields.stream, None
     name = fields.model
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("'model' must be a non-empty string")
-    return name, True, fields.stream
+    return name, True, fields.stream, None
+
+
+def _content_type(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name == b"content-type":
+            return value
+    return b""
+
+
+def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's body is compressed (Content-Encoding other than identity)."""
+    for name, value in headers:
+        if name.lower() == b"content-encoding" and value.strip().lower() != b"identity":
+            return True
+    return False
+
+
+_UPSTREAM_PREFIX = b"/upstream/"
+
+
+def _referring_upstream(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """``/upstream/<model>`` when the request comes from a page under it (its Referer)."""
+    for name, value in headers:
+        if name == b"referer":
+            path = urlsplit(value).path
+            if path.startswith(_UPSTREAM_PREFIX):
+                segment = path[len(_UPSTREAM_PREFIX) :].partition(b"/")[0]
+                if segment:
+                    return _UPSTREAM_PREFIX + segment
+            return None
+    return None
+
+
+class _Redirect(Exception):
+    def __init__(self, location: bytes) -> None:
+        super().__init__()
+        self.location = location
+
+
+async def _send_redirect(scope: Scope, send: Send, location: bytes) -> None:
+    if scope["query_string"]:
+        location += b"?" + scope["query_string"]
+    headers = [(b"location", location), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 308, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def without_connection_named(

@@ -10,7 +10,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_manager.config import SchemeConfig
@@ -25,6 +25,9 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None
+    # The placeholder values of this start ({port}, {name}, ...), for its hooks and
+    # stop_command.
+    values: dict[str, str] = field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -82,24 +85,36 @@ def build(
             raise StartFailed(f"script {script} does not exist")
         argv = _script_argv(script)
     else:
-        raw = scheme.command
-        parts = shlex.split(raw) if isinstance(raw, str) else list(raw or [])
-        argv = [substitute(p, values) for p in parts]
-        if argv[0] == "llm-manager":
-            # Our own engine: run it with this interpreter, whether or not the venv's bin
-            # directory is on PATH (it is not under `make run`).
-            argv[:1] = [sys.executable, "-m", "llm_manager"]
-        exe = argv[0]
-        if os.sep in exe:
-            # A relative program path is relative to the scheme's cwd, else the config's
-            # directory, like a script's (not to wherever the manager was started).
-            program = _resolve(exe, Path(cwd) if cwd else base_dir)
-            if not program.is_file():
-                raise StartFailed(f"command {str(program)!r} does not exist")
-            argv[0] = str(program)
-        elif shutil.which(exe, path=env.get("PATH")) is None:
-            raise StartFailed(f"command {exe!r} not found on PATH")
-    return Launch(argv=argv, env=env, cwd=cwd)
+        argv = command_argv(scheme.command or "", values, env, cwd, base_dir)
+    return Launch(argv=argv, env=env, cwd=cwd, values=values)
+
+
+def command_argv(
+    raw: str | Sequence[str],
+    values: Mapping[str, str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    base_dir: Path,
+) -> list[str]:
+    """A command (a shell-like line or a list) as the argv to run, placeholders filled in;
+    StartFailed when its program cannot be found."""
+    parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
+    argv = [substitute(p, values) for p in parts]
+    if argv[0] == "llm-manager":
+        # Our own engine: run it with this interpreter, whether or not the venv's bin
+        # directory is on PATH (it is not under `make run`).
+        argv[:1] = [sys.executable, "-m", "llm_manager"]
+    exe = argv[0]
+    if os.sep in exe:
+        # A relative program path is relative to the scheme's cwd, else the config's
+        # directory, like a script's (not to wherever the manager was started).
+        program = _resolve(exe, Path(cwd) if cwd else base_dir)
+        if not program.is_file():
+            raise StartFailed(f"command {str(program)!r} does not exist")
+        argv[0] = str(program)
+    elif shutil.which(exe, path=env.get("PATH")) is None:
+        raise StartFailed(f"command {exe!r} not found on PATH")
+    return argv
 
 
 def _resolve(path: str, base_dir: Path) -> Path:

@@ -254,3 +254,27 @@ class _LineSplitter:
 
 def _decode(data: bytes | bytearray) -> str:
     return bytes(data).decode("utf-8", errors="replace").rstrip("\r")
+
+
+async def run_command(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    sink: LineSink,
+    timeout: float,
+) -> int | None:
+    """Run a short command (a hook, a stop command) in its own process group, its output
+    to ``sink``; returns its exit code, or None when it ran past ``timeout`` and its whole
+    group was killed. Cancelled, it kills the group too."""
+    proc = await ModelProcess.spawn(argv, env, cwd, sink)
+    try:
+        code = await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+    except TimeoutError:
+        await proc.stop(0)
+        return None
+    except asyncio.CancelledError:
+        await asyncio.shield(proc.stop(0))
+        raise
+    # Whatever it left in its group (a forked helper) goes with it.
+    await proc.stop(0)
+    return code

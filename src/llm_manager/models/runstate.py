@@ -3,6 +3,8 @@
 A manager killed with SIGKILL cannot stop its models; the parent-death signal and the
 reaper normally do, and this record is the last line: at start, every group recorded
 by an earlier run whose leader is still the same process (same start time) is killed.
+A scheme's ``stop_command`` is recorded too (its placeholders filled in) and run first,
+whether or not the group is still there: a container the model ran outlives its client.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +45,7 @@ class RunState:
             pid, pgid, created = rec.get("pid"), rec.get("pgid"), rec.get("create_time")
             if not isinstance(pid, int) or not isinstance(pgid, int):
                 continue
+            _run_stop_command(str(model), rec.get("stop"))
             if not _ours(pid, pgid, created):
                 continue
             log.warning("killing model %s (pid %s) left by an earlier run", model, pid)
@@ -52,7 +56,7 @@ class RunState:
         self._write()
         return killed
 
-    def add(self, model: str, pid: int, pgid: int) -> None:
+    def add(self, model: str, pid: int, pgid: int, stop: dict[str, object] | None = None) -> None:
         created: float | None
         try:
             created = psutil.Process(pid).create_time()
@@ -64,6 +68,8 @@ class RunState:
             "create_time": created,
             "recorded_at": time.time(),
         }
+        if stop is not None:
+            self._records[model]["stop"] = stop
         self._write()
 
     def remove(self, model: str) -> None:
@@ -100,3 +106,38 @@ def _ours(pid: int, pgid: int, create_time: object) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _run_stop_command(model: str, stop: object) -> None:
+    """Run a recorded stop_command (an earlier run's model), its group killed past its
+    timeout. Its failure is only logged: the group is killed next anyway."""
+    if not isinstance(stop, dict):
+        return
+    argv, cwd, timeout = stop.get("argv"), stop.get("cwd"), stop.get("timeout")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        timeout = 30.0
+    log.warning("running the stop_command of model %s left by an earlier run", model)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd if isinstance(cwd, str) else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.error("cannot run the stop_command of model %s: %s", model, exc)
+        return
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.error("the stop_command of model %s ran past %g s and was killed", model, timeout)
+        return
+    if code != 0:
+        log.error("the stop_command of model %s failed with exit code %s", model, code)

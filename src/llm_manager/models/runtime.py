@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,12 +18,12 @@ from typing import Protocol
 
 import aiohttp
 
-from llm_manager.config import ModelConfig
+from llm_manager.config import HookCommand, ModelConfig, SchemeConfig
 from llm_manager.errors import DeviceUnavailable, ManagerError, ModelStopped, StartFailed
 from llm_manager.logs import ModelLog
 from llm_manager.models import launch
 from llm_manager.models.gate import ConcurrencyGate
-from llm_manager.models.process import ModelProcess
+from llm_manager.models.process import ModelProcess, run_command
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.runstate import RunState
 from llm_manager.models.scheduler import Fit
@@ -66,6 +67,15 @@ class RuntimeSettings:
     queue_timeout: float = 600.0
     turn_time: float = 30.0
     turn_linger: float = 0.5
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one start was made of: its scheme (hooks, stop_command) and its launch
+    (placeholder values, environment, working directory)."""
+
+    scheme: SchemeConfig
+    plan: launch.Launch
 
 
 class ModelRuntime:
@@ -112,10 +122,14 @@ class ModelRuntime:
         self.gate = ConcurrencyGate(name, spec.max_concurrency, spec.max_queue)
         self._next_spec: ModelConfig | None = None  # a changed definition, applied when idle
         self.start_count = 0
+        # An Ollama request's keep_alive (ollama/keepalive.py): the idle timeout of this run
+        # only, as (seconds, start_count); a later start drops it. None = the configured one.
+        self.keep_alive: tuple[float, int] | None = None
         self.crash_count = 0
         self.last_start_seconds: float | None = None
         self.last_used = time.monotonic()
         self._proc: ModelProcess | None = None
+        self._run: _Run | None = None  # of the current process
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[bool] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -136,6 +150,9 @@ class ModelRuntime:
 
     @property
     def idle_timeout(self) -> float:
+        override = self.keep_alive
+        if override is not None and override[1] == self.start_count:
+            return override[0]
         own = self.spec.idle_timeout
         return self.settings.idle_timeout if own is None else own
 
@@ -323,12 +340,16 @@ class ModelRuntime:
                     gpu_indices=gpu_indices,
                 )
                 self.port = port
+                run = _Run(scheme, plan)
+                problem = await self._hook("before_start", scheme.hooks.before_start, run, None)
+                if problem is not None:
+                    raise StartFailed(f"model {self.name!r} was not started: {problem}")
                 self.log.event(f"starting with scheme {fit.scheme} on port {port}: {plan.display}")
                 try:
                     proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
                 except OSError as exc:
                     raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
-                self._adopt(proc)
+                self._adopt(proc, run)
                 self._set_state(State.HEALTH_CHECK)
                 remaining = max(0.0, timeout - (time.monotonic() - began))
                 try:
@@ -337,6 +358,13 @@ class ModelRuntime:
                     raise StartFailed(
                         f"model {self.name!r} was not ready after {timeout:g} s (startup_timeout)"
                     ) from None
+                problem = await self._hook("after_start", scheme.hooks.after_start, run, proc.pid)
+                if problem is not None:
+                    raise StartFailed(f"model {self.name!r} failed to start: {problem}")
+                if proc.returncode is not None:
+                    raise StartFailed(
+                        f"model {self.name!r} exited with code {proc.returncode} during start"
+                    )
             except asyncio.CancelledError:
                 await self._teardown(proc, "start cancelled")
                 self._set_state(State.STOPPED)
@@ -426,50 +454,134 @@ class ModelRuntime:
                 return start is not None
             self._set_state(State.STOPPING)
             self.log.event(f"stopping: {reason}")
-            code = await proc.stop(self.settings.stop_timeout)
+            await self._halt(proc, self._run, self.settings.stop_timeout)
             self._forget(proc)
             self._set_state(State.STOPPED)
-            self.log.event(f"stopped (exit code {code})")
             return True
         finally:
             self._stop_task = None
             self._settle_spec()
 
-    def _adopt(self, proc: ModelProcess) -> None:
+    def _adopt(self, proc: ModelProcess, run: _Run) -> None:
         self._proc = proc
+        self._run = run
         self._reaper.watch(proc.pgid)
-        self._runstate.add(self.name, proc.pid, proc.pgid)
-        self._watch_task = asyncio.create_task(self._watch(proc), name=f"watch {self.name}")
+        self._runstate.add(self.name, proc.pid, proc.pgid, stop=self._stop_record(run, proc))
+        self._watch_task = asyncio.create_task(self._watch(proc, run), name=f"watch {self.name}")
+
+    def _stop_record(self, run: _Run, proc: ModelProcess) -> dict[str, object] | None:
+        """The stop_command as run-state records it, for a manager that starts after this
+        one was killed (SIGKILL) to run it."""
+        spec = run.scheme.stop_command
+        if spec is None:
+            return None
+        values = {**run.plan.values, "pid": str(proc.pid)}
+        try:
+            argv = launch.command_argv(
+                spec.command, values, run.plan.env, run.plan.cwd, self.settings.base_dir
+            )
+        except StartFailed:
+            return None  # reported when the stop runs it
+        return {"argv": argv, "cwd": run.plan.cwd, "timeout": spec.timeout}
 
     def _forget(self, proc: ModelProcess) -> None:
         if self._proc is proc:
             self._proc = None
+            self._run = None
             if self.spec.port is None:
                 self.port = None  # a new free port is chosen at the next start
         self._reaper.forget(proc.pgid)
         self._runstate.remove(self.name)
         self._placer.release(self.name)
 
-    async def _watch(self, proc: ModelProcess) -> None:
+    async def _watch(self, proc: ModelProcess, run: _Run) -> None:
         """Notice a process that dies by itself while it serves."""
         code = await proc.wait()
         if self._proc is not proc or self._state is not State.ROUTING:
             return  # a stop or a failing start handles it
+        if self._stop_task is not None:
+            return  # a stop began just before: it handles it
         reason = f"process exited with code {code}"
         self.crash_count += 1
         self.log.event(reason)
-        # Kill anything the process left in its group (a forked worker), then forget it.
-        await proc.stop(0)
-        self._forget(proc)
-        self._fail(reason)
+        # The clean-up is a stop like any other (stop() and a new start wait for it).
+        self._stop_task = asyncio.create_task(
+            self._crashed(proc, run, reason), name=f"crash {self.name}"
+        )
+
+    async def _crashed(self, proc: ModelProcess, run: _Run, reason: str) -> bool:
+        try:
+            self._set_state(State.STOPPING)
+            # stop_command (a container the process ran), anything the process left in its
+            # group (a forked worker), after_stop; then forget it.
+            with contextlib.suppress(Exception):
+                await self._halt(proc, run, 0)
+            self._forget(proc)
+            self._fail(reason)
+            return True
+        finally:
+            self._stop_task = None
 
     async def _teardown(self, proc: ModelProcess | None, why: str) -> None:
         if proc is None:
             self._placer.release(self.name)
             return
         with contextlib.suppress(Exception):
-            await asyncio.shield(proc.stop(self.settings.stop_timeout))
+            await asyncio.shield(self._halt(proc, self._run, self.settings.stop_timeout))
         self._forget(proc)
+
+    async def _halt(self, proc: ModelProcess, run: _Run | None, grace: float) -> int:
+        """The stop sequence: before_stop (while the process runs), stop_command, SIGTERM
+        to the group and SIGKILL after ``grace`` for whatever is left, after_stop. A failing
+        hook or stop_command is logged and the sequence goes on: nothing is left behind."""
+        if run is not None:
+            if proc.returncode is None:
+                await self._hook("before_stop", run.scheme.hooks.before_stop, run, proc.pid)
+            await self._hook("stop_command", run.scheme.stop_command, run, proc.pid)
+        code = await proc.stop(grace)
+        self.log.event(f"stopped (exit code {code})")
+        if run is not None:
+            await self._hook("after_stop", run.scheme.hooks.after_stop, run, proc.pid)
+        return code
+
+    async def _hook(
+        self, stage: str, spec: HookCommand | None, run: _Run, pid: int | None
+    ) -> str | None:
+        """Run one hook (or the stop_command), its output in the model's log. Returns None
+        when it succeeded, else what went wrong (logged already)."""
+        if spec is None:
+            return None
+        plan = run.plan
+        values = dict(plan.values)
+        env = dict(plan.env)
+        if pid is not None:
+            values["pid"] = str(pid)
+            env["LLM_MANAGER_PID"] = str(pid)
+        problem: str | None = None
+        try:
+            argv = launch.command_argv(spec.command, values, env, plan.cwd, self.settings.base_dir)
+        except StartFailed as exc:
+            problem = f"{stage} cannot run: {exc.message}"
+        else:
+            self.log.event(f"{stage}: {shlex.join(argv)}")
+
+            def sink(stream: str, line: str) -> None:
+                self.log.append(stream, f"[{stage}] {line}")
+
+            try:
+                code = await run_command(argv, env, plan.cwd, sink, spec.timeout)
+            except OSError as exc:
+                problem = f"{stage} cannot run {argv[0]!r}: {exc.strerror}"
+            else:
+                if code is None:
+                    problem = (
+                        f"{stage} ran past its timeout of {spec.timeout:g} s "
+                        "and was killed with its process group"
+                    )
+                elif code != 0:
+                    problem = f"{stage} failed with exit code {code}"
+        self.log.event(f"{stage} done" if problem is None else problem)
+        return problem
 
     def _fail(self, reason: str) -> None:
         self.failure_reason = reason

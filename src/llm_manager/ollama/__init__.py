@@ -1,0 +1,1 @@
+"""Ollama API facade: Ollama's /api/* translated to the models' OpenAI endpoints and back."""
