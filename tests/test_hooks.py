@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llm_manager.config import HOOK_TIMEOUT, ConfigError, parse_text
+from llm_manager.config import HOOK_TIMEOUT, ConfigError, LoadedConfig, parse_text
 from llm_manager.models.runstate import RunState
 from llm_manager.models.runtime import State
 from tests.conftest import (
@@ -161,6 +161,14 @@ def _recording_hooks(path: Path) -> dict[str, Any]:
     }
 
 
+def _failing(tmp_path: Path, spawn_log: Path, stage: str, code: int) -> tuple[Path, LoadedConfig]:
+    """A model with recording hooks but one ``stage`` that fails with ``code``; returns
+    the record file and the config."""
+    record = tmp_path / "hooks.log"
+    hooks = {**_recording_hooks(record), stage: [*HOOK, "fail", str(code)]}
+    return record, make_config(tmp_path, {"m": model("--spawn-log", str(spawn_log), hooks=hooks)})
+
+
 async def test_hooks_run_in_order_with_placeholders_and_output_in_the_log(
     tmp_path: Path, spawn_log: Path
 ) -> None:
@@ -206,9 +214,7 @@ async def test_hooks_run_in_order_with_placeholders_and_output_in_the_log(
 async def test_failing_before_start_fails_the_start_and_runs_nothing(
     tmp_path: Path, spawn_log: Path
 ) -> None:
-    record = tmp_path / "hooks.log"
-    hooks = {**_recording_hooks(record), "before_start": [*HOOK, "fail", "3"]}
-    loaded = make_config(tmp_path, {"m": model("--spawn-log", str(spawn_log), hooks=hooks)})
+    record, loaded = _failing(tmp_path, spawn_log, "before_start", 3)
     async with running_manager(loaded) as mgr:
         status, body = await mgr.post("/api/models/m/start")
         assert status == 503
@@ -224,9 +230,7 @@ async def test_failing_before_start_fails_the_start_and_runs_nothing(
 async def test_failing_after_start_fails_the_start_and_stops_the_process(
     tmp_path: Path, spawn_log: Path
 ) -> None:
-    record = tmp_path / "hooks.log"
-    hooks = {**_recording_hooks(record), "after_start": [*HOOK, "fail", "4"]}
-    loaded = make_config(tmp_path, {"m": model("--spawn-log", str(spawn_log), hooks=hooks)})
+    record, loaded = _failing(tmp_path, spawn_log, "after_start", 4)
     async with running_manager(loaded) as mgr:
         status, body = await mgr.post("/api/models/m/start")
         assert status == 503 and "after_start failed with exit code 4" in body["message"]

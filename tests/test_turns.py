@@ -34,6 +34,11 @@ def on_gpu(spawn_log: Path, mib: int = 6000, *switches: str, **extra: Any) -> di
     return {"schemes": {"GPU": {"devices": {"gpu": mib}, "command": command}}, **extra}
 
 
+def slow_streamer(spawn_log: Path) -> dict[str, Any]:
+    """A model filling most of the GPU whose streamed answers take about a second."""
+    return on_gpu(spawn_log, 6000, "--chunks", "10", "--chunk-delay", "0.1")
+
+
 def chat(model: str, stream: bool = False) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
@@ -56,7 +61,7 @@ def starts(mgr: RunningManager) -> int:
 
 async def test_b_waits_while_a_streams_then_a_is_evicted(tmp_path: Path, spawn_log: Path) -> None:
     models = {
-        "a": on_gpu(spawn_log, 6000, "--chunks", "10", "--chunk-delay", "0.1"),
+        "a": slow_streamer(spawn_log),
         "b": on_gpu(spawn_log),
     }
     async with running_manager(make_config(tmp_path, models, devices=GPU)) as mgr:
@@ -157,7 +162,7 @@ async def test_a_waiting_client_that_leaves_starts_and_evicts_nothing(
 ) -> None:
     b_spawns = tmp_path / "b-spawns.log"
     models = {
-        "a": on_gpu(spawn_log, 6000, "--chunks", "10", "--chunk-delay", "0.1"),
+        "a": slow_streamer(spawn_log),
         "b": on_gpu(b_spawns),
     }
     async with running_manager(make_config(tmp_path, models, devices=GPU)) as mgr:
@@ -322,7 +327,7 @@ async def test_streamed_request_is_kept_alive_while_it_waits(
 ) -> None:
     openai = pytest.importorskip("openai")
     models = {
-        "a": on_gpu(spawn_log, 6000, "--chunks", "10", "--chunk-delay", "0.1"),
+        "a": slow_streamer(spawn_log),
         "b": on_gpu(spawn_log, 6000, "--chunks", "3"),
         "c": on_gpu(spawn_log, 6000, queue_timeout="0.5s"),
     }

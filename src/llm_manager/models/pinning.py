@@ -24,11 +24,11 @@ MAX_COMBINATIONS = 4096
 def pinned_problems(config: Config) -> Iterator[tuple[tuple[str, ...], str]]:
     """One problem (YAML path, message) when the pinned models cannot all fit at once on
     the declared devices."""
-    pinned = [name for name, spec in config.models.items() if spec.pinned]
     devices = list(StaticProvider(config.devices).probe().devices)
     problem = pinned_conflict(config.models, devices)
     if problem is not None:
-        yield (("models", pinned[-1], "pinned"), problem)
+        last = [name for name, spec in config.models.items() if spec.pinned][-1]
+        yield (("models", last, "pinned"), problem)
 
 
 def pinned_conflict(
@@ -73,8 +73,7 @@ def _place_all(
         fit = scheduler.fit_scheme(scheme, needs, free)
         if not isinstance(fit, scheduler.Fit):
             return f"model {name!r}, {fit.describe()} once the others are loaded"
-        free = [
-            replace(d, memory_free=d.memory_free - fit.needs[d.key]) if d.key in fit.needs else d
-            for d in free
-        ]
+        free = scheduler.apply_claims(
+            free, [scheduler.Claim(name, key, mib) for key, mib in fit.needs.items()]
+        )
     return None

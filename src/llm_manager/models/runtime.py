@@ -77,6 +77,13 @@ class _Run:
     scheme: SchemeConfig
     plan: launch.Launch
 
+    def values(self, pid: int | None) -> dict[str, str]:
+        """The placeholder values of a hook or stop_command: the launch's, plus {pid}."""
+        values = dict(self.plan.values)
+        if pid is not None:
+            values["pid"] = str(pid)
+        return values
+
 
 class ModelRuntime:
     def __init__(
@@ -171,6 +178,22 @@ class ModelRuntime:
         """Requests not yet served: held at the door, queued for a slot, or waiting for
         the model to start."""
         return self.held + self.gate.waiting + self._start_waiters
+
+    def linger_left(self, now: float) -> float | None:
+        """Seconds until this routing model with no request in flight has lingered
+        ``turn_linger`` (0 or less: it has); None while it is not idle like that."""
+        if self._state is not State.ROUTING or self.admitted:
+            return None
+        return self.last_used + self.settings.turn_linger - now
+
+    def swappable(self, now: float) -> bool:
+        """Whether a model whose memory another model waits for may be swapped out now:
+        idle and its turn over, or idle for ``turn_linger``."""
+        left = self.linger_left(now)
+        if left is None:
+            return False
+        ends = self.turn_ends
+        return left <= 0 or (ends is not None and now >= ends)
 
     def idle_seconds(self, now: float | None = None) -> float:
         if self.pending or self._state in (State.STARTING, State.HEALTH_CHECK):
@@ -475,10 +498,13 @@ class ModelRuntime:
         spec = run.scheme.stop_command
         if spec is None:
             return None
-        values = {**run.plan.values, "pid": str(proc.pid)}
         try:
             argv = launch.command_argv(
-                spec.command, values, run.plan.env, run.plan.cwd, self.settings.base_dir
+                spec.command,
+                run.values(proc.pid),
+                run.plan.env,
+                run.plan.cwd,
+                self.settings.base_dir,
             )
         except StartFailed:
             return None  # reported when the stop runs it
@@ -552,14 +578,14 @@ class ModelRuntime:
         if spec is None:
             return None
         plan = run.plan
-        values = dict(plan.values)
         env = dict(plan.env)
         if pid is not None:
-            values["pid"] = str(pid)
             env["LLM_MANAGER_PID"] = str(pid)
         problem: str | None = None
         try:
-            argv = launch.command_argv(spec.command, values, env, plan.cwd, self.settings.base_dir)
+            argv = launch.command_argv(
+                spec.command, run.values(pid), env, plan.cwd, self.settings.base_dir
+            )
         except StartFailed as exc:
             problem = f"{stage} cannot run: {exc.message}"
         else:

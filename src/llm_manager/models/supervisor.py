@@ -280,7 +280,6 @@ class Supervisor:
         (or the higher-ranked waiting models this one must let go first). None when even
         evicting every model that may be evicted would not make room."""
         now = time.monotonic()
-        linger = runtime.settings.turn_linger
         holders = []
         for r in self.runtimes:
             if (
@@ -291,15 +290,8 @@ class Supervisor:
                 or r.state not in _HOLDING
             ):
                 continue
-            ready = (
-                r.state is State.ROUTING
-                and r.admitted == 0
-                and (
-                    (r.turn_ends is not None and now >= r.turn_ends) or now - r.last_used >= linger
-                )
-            )
             claims = tuple(Claim(r.name, k, m) for k, m in self._claims[r.name])
-            holders.append(Holder(r.name, r.last_used, claims, r.spec.priority, ready))
+            holders.append(Holder(r.name, r.last_used, claims, r.spec.priority, r.swappable(now)))
         reserved = self.turns.reserved_before(wait)
         free_to_take = [h for h in holders if h.model not in reserved]
         for pool in (free_to_take, holders) if reserved else (holders,):
@@ -352,9 +344,9 @@ class Supervisor:
         left = wait.deadline - now
         for name in wait.victims:
             other = self.registry.get(name)
-            if other is not None and other.state is State.ROUTING and other.admitted == 0:
-                linger_ends = other.last_used + other.settings.turn_linger - now
-                left = min(left, max(0.01, linger_ends))
+            linger = None if other is None else other.linger_left(now)
+            if linger is not None:
+                left = min(left, max(0.01, linger))
         return left
 
     def _busy(self, runtime: ModelRuntime, wait: Wait) -> ModelBusy:
