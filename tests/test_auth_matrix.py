@@ -14,11 +14,9 @@ API, ADMIN = "api-key-1", "admin-key-1"
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 KEYS = {"none": None, "wrong": "nope", "api": API, "admin": ADMIN}
 
-# path -> which keys are accepted, per method ("api" means an api or an admin key).
-OPEN = "open"
-
 
 def accepted(method: str, path: str) -> set[str]:
+    """Which keys a path accepts for a method ("api": an api or an admin key)."""
     if path in ("/health", "/"):
         return {"none", "wrong", "api", "admin"}
     if path in ("/metrics", "/ui"):
@@ -44,8 +42,12 @@ PATHS = (
 )
 
 
+def _spec(spawn_log: Path) -> dict[str, object]:
+    return {"schemes": {"CPU": {"command": fake_command("--spawn-log", str(spawn_log))}}}
+
+
 async def test_auth_matrix(tmp_path: Path, spawn_log: Path) -> None:
-    spec = {"schemes": {"CPU": {"command": fake_command("--spawn-log", str(spawn_log))}}}
+    spec = _spec(spawn_log)
     loaded = make_config(tmp_path, {"m": spec}, api_keys=[API], admin_keys=[ADMIN])
     refused = []
     async with running_manager(loaded) as mgr:
@@ -83,7 +85,7 @@ async def test_auth_matrix(tmp_path: Path, spawn_log: Path) -> None:
 
 
 async def test_a_cors_preflight_is_never_forwarded(tmp_path: Path, spawn_log: Path) -> None:
-    spec = {"schemes": {"CPU": {"command": fake_command("--spawn-log", str(spawn_log))}}}
+    spec = _spec(spawn_log)
     preflight = {
         "Origin": "http://localhost:3000",
         "Access-Control-Request-Method": "POST",
@@ -109,7 +111,7 @@ async def test_a_cors_preflight_is_never_forwarded(tmp_path: Path, spawn_log: Pa
 async def test_only_admin_keys_the_clients_key_is_not_forwarded(
     tmp_path: Path, spawn_log: Path
 ) -> None:
-    spec = {"schemes": {"CPU": {"command": fake_command("--spawn-log", str(spawn_log))}}}
+    spec = _spec(spawn_log)
     loaded = make_config(tmp_path, {"m": spec}, admin_keys=[ADMIN])
     async with running_manager(loaded) as mgr:
         status, body = await mgr.post(

@@ -5,7 +5,6 @@ keep_alive, and token counts equal to the usage rows of the same requests."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from datetime import UTC, datetime
@@ -130,22 +129,26 @@ async def test_keys_guard_and_unsupported_in_ollama_shape(tmp_path: Path) -> Non
 
 
 def _llama_models(tiny: Any) -> dict[str, Any]:
+    """test_gateway_llama's models but the reranker (Ollama's API has no reranking)."""
     pytest.importorskip("xllamacpp", reason="needs the llama extra (xllamacpp)")
-    from tests.test_gateway_llama import engine
+    from tests.test_gateway_llama import llama_models
 
-    return {
-        "tiny-chat": {"schemes": {"CPU": {"command": engine(tiny.chat)}}},
-        "tiny-embed": {
-            "mode": "embedding",
-            "schemes": {"CPU": {"command": engine(tiny.embedding, "--embedding")}},
-        },
-    }
+    return {name: m for name, m in llama_models(tiny).items() if name != "tiny-rerank"}
 
 
 async def _rows(mgr: Any) -> list[dict[str, Any]]:
-    await asyncio.to_thread(mgr.app.db.flush)
-    _, body = await mgr.get("/api/requests?limit=100")
-    return list(reversed(body["requests"]))
+    from tests.test_gateway_llama import rows  # imported here: it needs xllamacpp
+
+    return await rows(mgr)
+
+
+def _chat(content: str, num_predict: int) -> dict[str, Any]:
+    """An Ollama /api/chat body without "stream" (Ollama streams by default)."""
+    return {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": content}],
+        "options": {"num_predict": num_predict},
+    }
 
 
 async def test_ollama_client_against_real_llama_cpp(tmp_path: Path, tiny_models: Any) -> None:
@@ -269,12 +272,7 @@ async def test_ollama_api_off(tmp_path: Path) -> None:
 
 async def test_raw_ndjson_stream_and_bad_requests(tmp_path: Path, tiny_models: Any) -> None:
     async with running_manager(make_config(tmp_path, _llama_models(tiny_models))) as mgr:
-        body = {
-            "model": "tiny-chat",
-            "messages": [{"role": "user", "content": "Hi"}],
-            "options": {"num_predict": 4},
-        }  # no "stream": Ollama streams by default
-        async with mgr.http.post(mgr.url + "/api/chat", json=body) as resp:
+        async with mgr.http.post(mgr.url + "/api/chat", json=_chat("Hi", 4)) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"] == "application/x-ndjson"
             lines = (await resp.read()).decode().splitlines()
@@ -295,12 +293,7 @@ async def test_raw_ndjson_stream_and_bad_requests(tmp_path: Path, tiny_models: A
 
 async def test_client_leaving_mid_stream_ends_the_request(tmp_path: Path, tiny_models: Any) -> None:
     async with running_manager(make_config(tmp_path, _llama_models(tiny_models))) as mgr:
-        body = {
-            "model": "tiny-chat",
-            "messages": [{"role": "user", "content": "Tell a long story"}],
-            "options": {"num_predict": 400},
-        }
-        resp = await mgr.http.post(mgr.url + "/api/chat", json=body)
+        resp = await mgr.http.post(mgr.url + "/api/chat", json=_chat("Tell a long story", 400))
         assert resp.status == 200
         await resp.content.readline()
         resp.close()  # the client leaves

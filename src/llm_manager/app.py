@@ -97,7 +97,13 @@ class Application:
         guard = WebGuard.from_server(server)  # Host and Origin: docs/security.md
         ollama = None
         if server.ollama_api:  # the Ollama API facade: docs/api.md, "Ollama API"
-            ollama = OllamaFacade(self.supervisor, self.gateway, self._ollama_limits, __version__)
+            ollama = OllamaFacade(
+                self.supervisor,
+                self.gateway,
+                __version__,
+                (server.ollama_keep_alive_min, server.ollama_keep_alive_max),
+                server.max_body_bytes,
+            )
         dispatcher = Dispatcher(self.management, self.gateway, keys, _deny, guard, ollama=ollama)
         self.asgi: Any = dispatcher
         if server.cors_origins:
@@ -172,11 +178,6 @@ class Application:
         self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
         if self._watch:
             self._tasks.append(asyncio.create_task(self.reloader.watch(), name="watch"))
-
-    def _ollama_limits(self) -> tuple[float, float, int]:
-        """The start-up configuration's (a reload reports them as needing a restart)."""
-        server = self.loaded.config.server
-        return server.ollama_keep_alive_min, server.ollama_keep_alive_max, server.max_body_bytes
 
     def _record(self, record: RequestRecord) -> None:
         """Every forwarded request ends here: one row for SQLite, and the counters."""

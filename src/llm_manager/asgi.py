@@ -42,9 +42,16 @@ async def refuse(
     await response(scope, receive, send)
 
 
+_OLLAMA_401 = (
+    "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+)
+_BEARER = [(b"www-authenticate", b"Bearer")]
+
+
 class Dispatcher:
     """Checks Host and Origin (``guard``, see web_guard.py) and the API key, then routes:
-    management paths to FastAPI, the rest to the gateway. Holds no state of its own."""
+    the Ollama API's paths to ``ollama`` (when on), management paths to FastAPI, the rest
+    to the gateway; refusals in the envelope of the path. Holds no state of its own."""
 
     def __init__(
         self,
@@ -53,7 +60,6 @@ class Dispatcher:
         keys: KeyCheck,
         deny: Callable[[Scope, Receive, Send, bool], Awaitable[None]],
         guard: WebGuard | None = None,
-        refuse: Callable[[Scope, Receive, Send, bool, Refusal], Awaitable[None]] = refuse,
         ollama: object | None = None,
     ) -> None:
         self._ollama = ollama
@@ -62,51 +68,39 @@ class Dispatcher:
         self._keys = keys
         self._deny = deny
         self._guard = guard
-        self._refuse = refuse
+        self._refuse = refuse  # an attribute: tests record refusals through it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            if self._ollama is not None and is_ollama(path):
-                await self._serve_ollama(self._ollama, scope, receive, send)
-                return
-            management = is_management(path)
-            if self._guard is not None:
-                # Forwarded requests run a model; management writes change state.
-                writes = not management or scope["method"] not in READ_METHODS
-                refusal = self._guard.check(scope["headers"], writes)
-                if refusal is not None:
-                    await self._refuse(scope, receive, send, management, refusal)
-                    return
-            if self._keys.enabled:
-                need = required(scope["method"], path, management)
-                if not self._keys.allows(need, presented(scope["headers"])):
-                    await self._deny(scope, receive, send, management)
-                    return
-            if not management:
-                await self._gateway(scope, receive, send)  # type: ignore[operator]
-                return
-        await self._management(scope, receive, send)  # type: ignore[operator]
-
-    async def _serve_ollama(
-        self, ollama: object, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """The Ollama API (ollama/): the guard as for any request (its POSTs are writes: they
-        run models), the API key as for the gateway, refusals in Ollama's shape."""
+        if scope["type"] != "http":
+            await self._management(scope, receive, send)  # type: ignore[operator]
+            return
+        path = scope["path"]
+        # The Ollama API (ollama/): checked as any request, refused in Ollama's shape.
+        ollama = self._ollama if self._ollama is not None and is_ollama(path) else None
+        management = ollama is None and is_management(path)
         if self._guard is not None:
-            refusal = self._guard.check(scope["headers"], scope["method"] not in READ_METHODS)
+            # Forwarded requests run a model; management writes change state; the Ollama
+            # API's POSTs run models.
+            forwarded = ollama is None and not management
+            writes = forwarded or scope["method"] not in READ_METHODS
+            refusal = self._guard.check(scope["headers"], writes)
             if refusal is not None:
-                await ollama_error(send, 403, f"{refusal.message}: {refusal.detail}")
+                if ollama is not None:
+                    await ollama_error(send, 403, f"{refusal.message}: {refusal.detail}")
+                else:
+                    await self._refuse(scope, receive, send, management, refusal)
                 return
         if self._keys.enabled:
-            need = required(scope["method"], scope["path"], False)
+            need = required(scope["method"], path, management)
             if not self._keys.allows(need, presented(scope["headers"])):
-                await ollama_error(
-                    send,
-                    401,
-                    "missing or invalid API key: send it as 'Authorization: Bearer KEY' "
-                    "or 'x-api-key: KEY'",
-                    [(b"www-authenticate", b"Bearer")],
-                )
+                if ollama is not None:
+                    await ollama_error(send, 401, _OLLAMA_401, _BEARER)
+                else:
+                    await self._deny(scope, receive, send, management)
                 return
-        await ollama(scope, receive, send)  # type: ignore[operator]
+        if ollama is not None:
+            await ollama(scope, receive, send)  # type: ignore[operator]
+        elif management:
+            await self._management(scope, receive, send)  # type: ignore[operator]
+        else:
+            await self._gateway(scope, receive, send)  # type: ignore[operator]

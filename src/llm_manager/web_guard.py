@@ -43,6 +43,10 @@ _WANTED = frozenset({b"host", b"origin", b"sec-fetch-site"})
 _CACHE_LIMIT = 256
 _SHOWN = 100  # longest Host or Origin quoted back in a refusal
 SEE = "see docs/security.md"
+_CROSS_DETAIL = (
+    "requests that run a model or change state are accepted only from this server's own "
+    f"pages and server.cors_origins; {SEE}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,14 +213,12 @@ class WebGuard:
                 return None
             return Refusal(
                 f"cross-origin request from {_shown(origin)!r} refused",
-                "requests that run a model or change state are accepted only from this "
-                f"server's own pages and server.cors_origins; {SEE}",
+                _CROSS_DETAIL,
             )
         if site is not None and site not in _SAFE_SITES:
             return Refusal(
                 f"cross-site request refused (Sec-Fetch-Site: {_shown(site)})",
-                "requests that run a model or change state are accepted only from this "
-                f"server's own pages and server.cors_origins; {SEE}",
+                _CROSS_DETAIL,
             )
         return None
 

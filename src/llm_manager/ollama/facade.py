@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ OLLAMA_VERSION = "0.12.0"
 _NDJSON = [(b"content-type", b"application/x-ndjson"), (b"x-accel-buffering", b"no")]
 _JSON = [(b"content-type", b"application/json; charset=utf-8")]
 _MODES = {"chat": ["completion", "tools"], "base": ["completion"], "embedding": ["embedding"]}
-Limits = Callable[[], tuple[float, float, int]]  # keep_alive floor, ceiling; max body bytes
 
 
 async def send_error(
@@ -103,6 +102,11 @@ def _error_text(status: int, body: bytes) -> str:
         obj = json.loads(body)
     except ValueError:
         return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    return _error_of(obj, status)
+
+
+def _error_of(obj: object, status: int) -> str:
+    """The message of an error answer or event (OpenAI's or FastAPI's shape)."""
     if isinstance(obj, dict):
         err = obj.get("error", obj.get("detail"))
         if isinstance(err, dict):
@@ -137,12 +141,20 @@ class OllamaFacade:
     """ASGI app for the paths in ``paths.py``. Auth and the web guard ran before it."""
 
     def __init__(
-        self, supervisor: Supervisor, gateway: object, limits: Limits, version: str
+        self,
+        supervisor: Supervisor,
+        gateway: object,
+        version: str,
+        keep_alive: tuple[float, float],
+        max_body_bytes: int,
     ) -> None:
+        """``keep_alive``: the floor and ceiling (0 = none) of a request's keep_alive; with
+        ``max_body_bytes``, the start-up configuration's (a reload of them needs a restart)."""
         self._supervisor = supervisor
         self._gateway = gateway
-        self._limits = limits
         self._version = version
+        self._keep_alive_limits = keep_alive
+        self._max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -180,7 +192,7 @@ class OllamaFacade:
         except Invalid as exc:
             await send_error(send, 400, str(exc))
         except ManagerError as exc:
-            await send_error(send, exc.status, exc.message, list(_encoded(exc.headers)))
+            await send_error(send, exc.status, exc.message, _encoded(exc.headers))
 
     # --- listing ----------------------------------------------------------------------------
 
@@ -256,7 +268,7 @@ class OllamaFacade:
     # --- requests through the gateway -------------------------------------------------------
 
     async def _body(self, receive: Receive) -> dict[str, Any]:
-        limit = self._limits()[2]
+        limit = self._max_body
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -278,6 +290,11 @@ class OllamaFacade:
             raise Invalid("the request body must be a JSON object")
         return body
 
+    def _target(self, body: dict[str, Any]) -> tuple[str, ModelRuntime, float | None]:
+        """The model as asked, its runtime, and the idle timeout its keep_alive asks for."""
+        asked = _model(body)
+        return asked, names.resolve(self._supervisor, asked), self._keep_alive(body)
+
     def _keep_alive(self, body: dict[str, Any]) -> float | None:
         """The idle timeout the request's keep_alive asks for, clamped; None = not given."""
         value = body.get("keep_alive")
@@ -287,8 +304,7 @@ class OllamaFacade:
             seconds = keepalive.parse(value)
         except ValueError as exc:
             raise Invalid(str(exc)) from None
-        floor, ceiling, _ = self._limits()
-        return keepalive.idle_timeout(seconds, floor, ceiling)
+        return keepalive.idle_timeout(seconds, *self._keep_alive_limits)
 
     def _settle(self, runtime: ModelRuntime, timeout: float | None) -> None:
         """After a request: its keep_alive becomes the model's idle timeout for this run;
@@ -343,9 +359,7 @@ class OllamaFacade:
         self, scope: Scope, receive: Receive, send: Send, body: dict[str, Any], legacy: bool
     ) -> None:
         began = time.perf_counter()
-        asked = _model(body)
-        runtime = names.resolve(self._supervisor, asked)
-        timeout = self._keep_alive(body)
+        asked, runtime, timeout = self._target(body)
         cold = runtime.state is not State.ROUTING
         payload: dict[str, Any] = {
             "model": runtime.name,
@@ -386,9 +400,7 @@ class OllamaFacade:
         self, scope: Scope, receive: Receive, send: Send, body: dict[str, Any], chat: bool
     ) -> None:
         began = time.perf_counter()
-        asked = _model(body)
-        runtime = names.resolve(self._supervisor, asked)
-        timeout = self._keep_alive(body)
+        asked, runtime, timeout = self._target(body)
         stream = body.get("stream", True) is not False  # Ollama streams unless told not to
         if chat:
             empty = not body.get("messages")
@@ -405,7 +417,6 @@ class OllamaFacade:
             payload = translate.chat_request(body, runtime.name, stream)
         else:
             path, payload = translate.generate_request(body, runtime.name, stream)
-        delta_key = "delta" if stream else "message"
         exchange = await self._start(scope, receive, path, payload)
         try:
             if exchange.status >= 400:
@@ -413,7 +424,7 @@ class OllamaFacade:
                 await send_error(send, exchange.status, _error_text(exchange.status, raw))
                 return
             if stream and exchange.content_type.startswith(b"text/event-stream"):
-                await self._stream(exchange, send, asked, chat, delta_key, began, runtime, cold)
+                await self._stream(exchange, send, asked, chat, began, runtime, cold)
             else:
                 raw = await exchange.body()
                 await self._whole(raw, send, asked, chat, stream, began, runtime, cold)
@@ -465,7 +476,7 @@ class OllamaFacade:
         answer = Answer()
         answer.take(event, "message")
         usage = from_json_bytes(raw).completed()
-        out = {"model": asked, "created_at": translate.now_iso(), **_payload(answer, chat, True)}
+        out = {"model": asked, "created_at": translate.now_iso(), **_payload(answer, chat)}
         out.update(translate.final_fields(usage, answer, began, _load_s(runtime, cold)))
         if stream:  # asked for a stream, answered whole: one NDJSON line
             await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
@@ -480,7 +491,6 @@ class OllamaFacade:
         send: Send,
         asked: str,
         chat: bool,
-        delta_key: str,
         began: float,
         runtime: ModelRuntime,
         cold: bool,
@@ -494,9 +504,9 @@ class OllamaFacade:
             scanner.feed(chunk)
             for event in _events(buffer, chunk):
                 if "error" in event:
-                    failed = _error_text(502, json.dumps(event).encode())
+                    failed = _error_of(event, 502)
                     continue
-                text, thinking = answer.take(event, delta_key)
+                text, thinking = answer.take(event, "delta")
                 if text or thinking:
                     part: dict[str, Any] = {"model": asked, "created_at": translate.now_iso()}
                     part.update(_delta(text, thinking, chat))
@@ -561,8 +571,8 @@ def _delta(text: str, thinking: str, chat: bool) -> dict[str, Any]:
     return {"message": message}
 
 
-def _payload(answer: Answer, chat: bool, whole: bool) -> dict[str, Any]:
+def _payload(answer: Answer, chat: bool) -> dict[str, Any]:
     out = _delta(answer.text, answer.thinking, chat)
-    if chat and whole and answer.tool_calls:
+    if chat and answer.tool_calls:
         out["message"]["tool_calls"] = answer.ollama_tool_calls()
     return out

@@ -34,12 +34,12 @@ class Invalid(ValueError):
     """The Ollama request cannot be translated: 400."""
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso(time.time())
 
 
 def _options(body: dict[str, Any], out: dict[str, Any]) -> None:
