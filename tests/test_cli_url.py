@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import fake_command
-from tests.test_server_process import Manager, launch, write_config
+from tests.test_server_process import Manager, launch, stop_cleanly, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llm_manager"]
@@ -34,13 +34,7 @@ def managers() -> Iterator[list[Manager]]:
     started: list[Manager] = []
     yield started
     for m in started:
-        if m.proc.poll() is None:
-            m.proc.terminate()  # a clean stop takes its models with it
-            try:
-                m.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                m.proc.kill()
-                m.proc.wait()
+        stop_cleanly(m)
 
 
 def free_port() -> int:
@@ -136,17 +130,24 @@ def test_the_url_a_running_serve_wrote(
     assert not (tmp_path / "data" / "run" / "url.json").exists()  # removed at a clean exit
 
 
-def test_a_stale_record_is_ignored_and_the_error_says_what_was_tried(tmp_path: Path) -> None:
+def _config_with_record(tmp_path: Path, record: dict[str, object]) -> int:
+    """A configuration on a free port with nothing listening, and ``record`` as the URL
+    record of its data directory; the port."""
     port = free_port()
     (tmp_path / "llm-manager.yaml").write_text(
         yaml.safe_dump({"server": {"port": port, "data_dir": "./data"}})
     )
     run_dir = tmp_path / "data" / "run"
     run_dir.mkdir(parents=True)
+    (run_dir / "url.json").write_text(json.dumps(record))
+    return port
+
+
+def test_a_stale_record_is_ignored_and_the_error_says_what_was_tried(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = {"url": "http://127.0.0.1:9", "pid": dead.pid, "create_time": 1.0}
-    (run_dir / "url.json").write_text(json.dumps(stale))
+    port = _config_with_record(tmp_path, stale)
     result = cli("models", cwd=tmp_path)
     assert result.returncode == 2
     err = result.stderr
@@ -158,15 +159,9 @@ def test_a_stale_record_is_ignored_and_the_error_says_what_was_tried(tmp_path: P
 
 
 def test_every_address_tried_is_listed(tmp_path: Path) -> None:
-    port = free_port()
-    (tmp_path / "llm-manager.yaml").write_text(
-        yaml.safe_dump({"server": {"port": port, "data_dir": "./data"}})
-    )
-    run_dir = tmp_path / "data" / "run"
-    run_dir.mkdir(parents=True)
     # A record of a live process (this test) whose server is not there.
     me = {"url": "http://127.0.0.1:9", "pid": os.getpid(), "create_time": None}
-    (run_dir / "url.json").write_text(json.dumps(me))
+    port = _config_with_record(tmp_path, me)
     result = cli("models", cwd=tmp_path)
     assert result.returncode == 2
     assert "tried:" in result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fake_command
-from tests.test_server_process import Manager, launch, write_config
+from tests.test_server_process import Manager, launch, stop_cleanly, write_config
 
 CLI = [sys.executable, "-m", "llm_manager"]
 # Alike up to their last characters: cut to "gemma-3-270m…" they cannot be told apart.
@@ -35,12 +35,7 @@ def manager(tmp_path: Path, spawn_log: Path) -> Iterator[Manager]:
         assert m.post(f"/api/models/{RUNNING}/start")["success"]
         yield m
     finally:
-        m.proc.terminate()  # a clean stop takes its models with it
-        try:
-            m.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            m.proc.kill()
-            m.proc.wait()
+        stop_cleanly(m)
 
 
 def cli(m: Manager, *args: str, columns: int = 80) -> str:

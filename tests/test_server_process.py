@@ -75,6 +75,18 @@ def launch(config: Path, tmp_path: Path, *options: str) -> Manager:
     raise AssertionError("manager did not start:\n" + log.read_text())
 
 
+def stop_cleanly(m: Manager) -> None:
+    """SIGTERM (a clean stop takes its models with it); SIGKILL if it has not ended in 30 s."""
+    if m.proc.poll() is not None:
+        return
+    m.proc.terminate()
+    try:
+        m.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        m.proc.kill()
+        m.proc.wait()
+
+
 @pytest.fixture
 def manager_procs() -> Iterator[list[Manager]]:
     started: list[Manager] = []

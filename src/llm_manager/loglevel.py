@@ -104,12 +104,6 @@ def _hinted(lowered: str) -> bool:
     return False
 
 
-def marked_level(message: str) -> str | None:
-    """The level the program itself wrote on the line, if it wrote one."""
-    lowered = message.lower()
-    return _marked(message, lowered, _hinted(lowered))
-
-
 def _marked(message: str, lowered: str, hinted: bool) -> str | None:
     match = _LLAMA.match(message) or _GLOG.match(message)
     if match:
@@ -143,32 +137,19 @@ def classify(message: str) -> str:
     return INFO
 
 
-class LevelReader:
-    """Levels of the lines of one stream, in order: remembers an open traceback."""
-
-    def __init__(self) -> None:
-        self._in_traceback = False
-
-    def level(self, message: str) -> str:
-        if message.startswith(_TRACEBACK):
-            self._in_traceback = True
-            return ERROR
-        if self._in_traceback:
-            if not message.strip() or message[:1].isspace() or message.startswith(_CHAINED):
-                return ERROR
-            self._in_traceback = False  # the exception line ends the traceback
-            return ERROR
-        return classify(message)
-
-
 class StreamLevels:
-    """One :class:`LevelReader` per stream of a model's log."""
+    """Levels of the lines of a model's log, in order: remembers, per stream, a traceback
+    that is still open."""
 
     def __init__(self) -> None:
-        self._readers: dict[str, LevelReader] = {}
+        self._in_traceback: set[str] = set()  # streams whose traceback is still open
 
     def level(self, stream: str, message: str) -> str:
-        reader = self._readers.get(stream)
-        if reader is None:
-            reader = self._readers[stream] = LevelReader()
-        return reader.level(message)
+        if message.startswith(_TRACEBACK):
+            self._in_traceback.add(stream)
+            return ERROR
+        if stream in self._in_traceback:
+            if message.strip() and not message[:1].isspace() and not message.startswith(_CHAINED):
+                self._in_traceback.discard(stream)  # the exception line ends the traceback
+            return ERROR
+        return classify(message)

@@ -98,11 +98,6 @@ def _from_configuration() -> list[Target]:
     return found
 
 
-def base_url(explicit: str | None) -> str:
-    """The first address :func:`targets` gives (what a single-address caller uses)."""
-    return targets(explicit)[0].url
-
-
 def _reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", exc)
     if isinstance(reason, OSError) and reason.strerror:
@@ -138,9 +133,9 @@ def _open(where: list[Target], method: str, path: str, timeout: float) -> tuple[
     raise unreachable(tried)
 
 
-def call(url: str | list[Target], method: str, path: str, timeout: float = 600) -> dict[str, Any]:
-    """JSON answer of the server; error answers are returned too (they carry a message)."""
-    where = [Target(_normal(url), "--url")] if isinstance(url, str) else url
+def call(where: list[Target], method: str, path: str, timeout: float = 600) -> dict[str, Any]:
+    """JSON answer of the first of ``where`` that answers (see :func:`targets`); error
+    answers are returned too (they carry a message)."""
     target, resp = _open(where, method, path, timeout)
     try:
         with resp:
@@ -159,9 +154,8 @@ def call(url: str | list[Target], method: str, path: str, timeout: float = 600) 
     return data
 
 
-def stream_events(url: str | list[Target], path: str) -> Iterator[dict[str, Any]]:
+def stream_events(where: list[Target], path: str) -> Iterator[dict[str, Any]]:
     """The JSON events of a Server-Sent Events stream, as they arrive."""
-    where = [Target(_normal(url), "--url")] if isinstance(url, str) else url
     _, resp = _open(where, "GET", path, 3600)
     if isinstance(resp, urllib.error.HTTPError):
         try:

@@ -72,7 +72,8 @@ def own_scripts_on_path() -> str | None:
         return None
     current = os.environ.get("PATH", "")
     parts = current.split(os.pathsep) if current else []
-    if any(os.path.realpath(p) == os.path.realpath(scripts) for p in parts if p):
+    real = os.path.realpath(scripts)
+    if any(os.path.realpath(p) == real for p in parts if p):
         return None
     os.environ["PATH"] = os.pathsep.join([*parts, scripts])
     return scripts
@@ -491,8 +492,9 @@ def logs(
             elif "log" in event:
                 line = event["log"]
                 stream, message = line.get("stream", "-"), line["message"]
-                own = levels.level(stream, message)
-                level = line.get("level") or own  # the server's, where it sends one
+                # The server's level, where it sends one (it reads every line as it comes);
+                # else read here, in order.
+                level = line.get("level") or levels.level(stream, message)
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line["timestamp"]))
                 text = f"{stamp} [{stream}] {message}"
                 click.echo(click.style(text, fg=_LEVEL_COLOURS.get(level)))

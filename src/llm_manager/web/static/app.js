@@ -393,9 +393,9 @@ function onLogEvent(model, data) {
   if (model !== logs.model) return;
   if (data.type === "historical" || data.type === "realtime") {
     const line = data.log;
-    // The server's level where it sends one; the same rules here where it does not.
-    const own = lineLevel(logs.levels, line.stream || "", line.message);
-    line.level = line.level || own;
+    // The server's level where it sends one (it sends one on every line); the same rules
+    // here where it does not.
+    line.level = line.level || lineLevel(logs.levels, line.stream || "", line.message);
     logs.lines.push(line);
     if (logs.lines.length > MAX_LINES) logs.lines.splice(0, logs.lines.length - MAX_LINES);
     if (logs.paused) logs.held.push(line);
