@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_manager.errors import BadRequest
-from llm_manager.gateway.forward import _model_name
+from llm_manager.gateway.forward import _find_model
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
 from tests.conftest import alive, fake_command, make_config, read_pids, running_manager
 from tests.test_server_process import Manager, launch, write_config
@@ -87,7 +87,7 @@ def test_json_usage_never_raises(body: bytes) -> None:
 def test_model_name_is_found_or_a_bad_request(body: bytes, query: bytes) -> None:
     scope = {"query_string": query}
     try:
-        name, named_in_body, stream = _model_name(scope, body)
+        name, named_in_body, stream, _ = _find_model(scope, body)
     except BadRequest:
         return
     assert name is None or (isinstance(name, str) and name)

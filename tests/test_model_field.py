@@ -70,24 +70,17 @@ def test_renaming_bytes_equals_renaming_the_decoded_object(
     # Every byte outside the model values is unchanged.
     spans = model_spans(body)
     assert len(spans) == len(models)
-    outside = b"".join(
-        body[a:b]
-        for a, b in zip(
-            [0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True
-        )
-    )
+    renamed_spans = model_spans(renamed)
     value = json.dumps(new).encode()
-    assert renamed == _join(outside, spans, body, value)
+    assert [renamed[a:b] for a, b in renamed_spans] == [value] * len(spans)
+    assert _outside(renamed, renamed_spans) == _outside(body, spans)
 
 
-def _join(outside: bytes, spans: list[tuple[int, int]], body: bytes, value: bytes) -> bytes:
-    out = []
-    at = 0
-    for start, end in spans:
-        out += (body[at:start], value)
-        at = end
-    out.append(body[at:])
-    return b"".join(out)
+def _outside(body: bytes, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The pieces of ``body`` between (and around) the spans."""
+    starts = [0] + [end for _, end in spans]
+    ends = [start for start, _ in spans] + [len(body)]
+    return [body[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
 def test_numbers_and_escapes_reach_the_engine_unchanged() -> None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from llm_manager.errors import BadRequest
-from llm_manager.gateway.forward import Gateway
+from llm_manager.gateway import forward
 from llm_manager.gateway.multipart import FormModel, form_model, rename_form_model
 from tests.conftest import RunningManager, fake_command, make_config, running_manager
 from tests.test_server_process import launch, manager_procs, write_config  # noqa: F401
@@ -242,15 +242,15 @@ async def test_large_bodies_read_into_one_buffer_are_forwarded_intact(
 ) -> None:
     """Bodies of 1 MiB and more arrive in many messages and are read into one buffer:
     a large JSON body (renamed from its alias) and a large form reach the engine intact."""
-    read_large = Gateway._read_large
+    read_large = forward._read_large
     sizes: list[int] = []
 
-    async def spy(self: Gateway, *args: Any) -> bytes:
-        body = await read_large(self, *args)
+    async def spy(*args: Any) -> bytes:
+        body = await read_large(*args)
         sizes.append(len(body))
         return body
 
-    monkeypatch.setattr(Gateway, "_read_large", spy)
+    monkeypatch.setattr(forward, "_read_large", spy)
     async with running_manager(make_config(tmp_path, MODELS)) as mgr:
         text = "x" * (3 * 1024 * 1024)
         payload = {"model": "whisper", "input": text}

@@ -48,6 +48,16 @@ async def post(mgr: RunningManager, body: bytes, **headers: str) -> tuple[int, A
         return resp.status, await resp.json(content_type=None)
 
 
+async def post_each(mgr: RunningManager, idents: tuple[str, ...]) -> list[Any]:
+    """One request after another, each answered 200 by the engine, to its own request."""
+    answers = []
+    for ident in idents:
+        status, body = await post(mgr, chat_body(ident))
+        assert status == 200 and body["answer_to"] == ident
+        answers.append(body)
+    return answers
+
+
 async def statuses(mgr: RunningManager) -> list[int]:
     await asyncio.to_thread(mgr.app.db.flush)
     _, body = await mgr.get("/api/requests?limit=100")
@@ -79,11 +89,7 @@ async def test_unsolicited_bytes_on_an_idle_connection_are_never_an_answer(
 async def test_two_answers_in_one_write_give_the_first_only(tmp_path: Path) -> None:
     models, log = raw_model(tmp_path, "two-in-one")
     async with running_manager(make_config(tmp_path, models)) as mgr:
-        answers = []
-        for ident in ("one", "two", "three"):
-            status, body = await post(mgr, chat_body(ident))
-            assert status == 200
-            answers.append(body)
+        answers = await post_each(mgr, ("one", "two", "three"))
         assert [a["answer_to"] for a in answers] == ["one", "two", "three"]
         assert all("extra" not in a and a["seq"] == 0 for a in answers)
         # No connection carried a second request: each was closed after its answer.
@@ -150,11 +156,9 @@ async def test_an_idempotent_request_is_sent_again_once(tmp_path: Path, scenario
 async def test_connection_close_is_honoured(tmp_path: Path) -> None:
     models, log = raw_model(tmp_path, "connection-close")
     async with running_manager(make_config(tmp_path, models)) as mgr:
-        conns = []
-        for ident in ("a", "b", "c"):
-            status, body = await post(mgr, chat_body(ident))
-            assert status == 200 and body["answer_to"] == ident and body["seq"] == 0
-            conns.append(body["conn"])
+        answers = await post_each(mgr, ("a", "b", "c"))
+        assert all(a["seq"] == 0 for a in answers)
+        conns = [a["conn"] for a in answers]
         assert len(set(conns)) == 3
         # The engine kept each connection open; the gateway closed each after its answer.
         await wait_until(lambda: all({"event": "eof", "conn": c} in events(log) for c in conns))
@@ -165,11 +169,7 @@ async def test_connection_close_is_honoured(tmp_path: Path) -> None:
 async def test_keep_alive_timeout_and_max_are_honoured(tmp_path: Path) -> None:
     models, log = raw_model(tmp_path, "keep-alive-limits")  # timeout=1, max=2
     async with running_manager(make_config(tmp_path, models)) as mgr:
-        seen = []
-        for ident in ("1", "2", "3", "4", "5"):
-            status, body = await post(mgr, chat_body(ident))
-            assert status == 200 and body["answer_to"] == ident
-            seen.append((body["conn"], body["seq"]))
+        seen = [(a["conn"], a["seq"]) for a in await post_each(mgr, ("1", "2", "3", "4", "5"))]
         await asyncio.sleep(0.9)  # past timeout=1 less its margin: the passing time counts
         status, body = await post(mgr, chat_body("6"))
         assert status == 200

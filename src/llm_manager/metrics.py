@@ -129,8 +129,8 @@ class _RequestStats(Collector):
         )
         yield _histogram_family(
             "llm_manager_queue_wait_seconds",
-            "Arrival to forwarded: waits for the model's turn, a max_concurrency slot, room "
-            "on its devices and its start.",
+            "Body read and checked to forwarded: waits for the model's turn, a max_concurrency "
+            "slot, room on its devices and its start.",
             self.queue_wait,
         )
         overhead = HistogramMetricFamily(

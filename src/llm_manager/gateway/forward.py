@@ -80,8 +80,69 @@ _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not s
 WATCH_AFTER = 0.05  # seconds before a running request starts watching for its client leaving
 
 
-class _ClientGone(Exception):
-    pass
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+async def read_body(headers: list[tuple[bytes, bytes]], receive: Receive, limit: int) -> bytes:
+    """A request's whole body, at most ``limit`` bytes (413 past it, at once when
+    Content-Length says so). Raises ClientGone when the client leaves first."""
+    declared = -1
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise BadRequest("invalid Content-Length header") from None
+            if declared > limit:
+                raise BodyTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        more = message.get("more_body", False)
+        if not chunks and not more:
+            return chunk  # the common case: the whole body in one message
+        chunks.append(chunk)
+        if more and declared >= _LARGE_BODY and size < declared:
+            return await _read_large(receive, chunks, declared)
+        if not more:
+            return b"".join(chunks)
+
+
+async def _read_large(receive: Receive, chunks: list[bytes], declared: int) -> bytes:
+    """A large body of a known length, read into one buffer as it arrives: joining the
+    chunks at the end would hold the body twice for a moment (a 20 MiB upload, 40)."""
+    buffer = bytearray(declared)
+    view = memoryview(buffer)
+    at = 0
+    for chunk in chunks:
+        view[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    chunks.clear()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        end = at + len(chunk)
+        if end > declared:  # the server frames by Content-Length: not expected
+            raise BadRequest("the request body is longer than its Content-Length")
+        view[at:end] = chunk
+        at = end
+        if not message.get("more_body", False):
+            break
+    view.release()
+    if at != declared:
+        raise BadRequest("the request body is shorter than its Content-Length")
+    # The bytearray goes on as the body (bytes-like everywhere it is used): no copy.
+    return buffer  # type: ignore[return-value]
 
 
 _KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
@@ -134,7 +195,7 @@ class Gateway:
         try:
             body = await self._read_body(scope, receive)
             runtime, body, stream, target = self._target(scope, body)
-        except _ClientGone:
+        except ClientGone:
             return
         except _Redirect as redirect:
             await _send_redirect(scope, send, redirect.location)
@@ -151,64 +212,7 @@ class Gateway:
     # --- request checks ---------------------------------------------------------------------
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self._settings.max_body_bytes
-        declared = -1
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise BadRequest("invalid Content-Length header") from None
-                if declared > limit:
-                    raise BodyTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"request body exceeds {limit} bytes")
-            more = message.get("more_body", False)
-            if not chunks and not more:
-                return chunk  # the common case: the whole body in one message
-            chunks.append(chunk)
-            if more and declared >= _LARGE_BODY and size < declared:
-                return await self._read_large(receive, chunks, size, declared)
-            if not more:
-                return b"".join(chunks)
-
-    async def _read_large(
-        self, receive: Receive, chunks: list[bytes], size: int, declared: int
-    ) -> bytes:
-        """A large body of a known length, read into one buffer as it arrives: joining the
-        chunks at the end would hold the body twice for a moment (a 20 MiB upload, 40)."""
-        buffer = bytearray(declared)
-        view = memoryview(buffer)
-        at = 0
-        for chunk in chunks:
-            view[at : at + len(chunk)] = chunk
-            at += len(chunk)
-        chunks.clear()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            end = at + len(chunk)
-            if end > declared:  # the server frames by Content-Length: not expected
-                raise BadRequest("the request body is longer than its Content-Length")
-            view[at:end] = chunk
-            at = end
-            if not message.get("more_body", False):
-                break
-        view.release()
-        if at != declared:
-            raise BadRequest("the request body is shorter than its Content-Length")
-        # The bytearray goes on as the body (bytes-like everywhere it is used): no copy.
-        return buffer  # type: ignore[return-value]
+        return await read_body(scope["headers"], receive, self._settings.max_body_bytes)
 
     def _target(self, scope: Scope, body: bytes) -> tuple[ModelRuntime, bytes, bool, bytes | None]:
         """The model a request is for, the body to send it, whether it asks for a stream,
@@ -357,7 +361,7 @@ class Gateway:
                     await keepalive.stop()
                 upstream = await self._open(runtime, scope, body, target)  # 502 or 504
             except ManagerError as exc:
-                if isinstance(exc, UpstreamFailed) and runtime.stops != stops:
+                if isinstance(exc, UpstreamFailed) and stops >= 0 and runtime.stops != stops:
                     exc = UpstreamFailed(_stopped_while_answering(runtime))
                 record.status, record.error = exc.status, exc.message
                 if keepalive is not None:
@@ -367,12 +371,21 @@ class Gateway:
                         return
                 await self._error(scope, receive, send, exc)
                 return
-            answered = time.perf_counter()
+            # The gateway's own time runs on from here as if without the waits.
+            own_from = time.perf_counter() - own_time
             started = keepalive is not None and keepalive.started
             try:
                 try:
                     await self._pipe(
-                        upstream, send, record, began, own_time, answered, started, target
+                        upstream,
+                        send,
+                        record,
+                        began,
+                        own_from,
+                        started,
+                        target,
+                        runtime,
+                        stops,
                     )
                 except UpstreamError:
                     if runtime.stops == stops:
@@ -454,14 +467,15 @@ class Gateway:
         send: Send,
         record: RequestRecord,
         began: float,
-        own_time: float,
-        answered: float,
+        own_from: float,
         started: bool = False,
         passthrough: bytes | None = None,
+        runtime: ModelRuntime | None = None,
+        stops: int = -1,
     ) -> None:
         record.status = upstream.status
         if started:  # keep-alive comments went out: the answer is already a 200 stream
-            await self._pipe_into_stream(upstream, send, record)
+            await _pipe_into_stream(upstream, send, record, runtime, stops)
             return
         content_type = upstream.content_type
         sse = content_type.startswith(b"text/event-stream")
@@ -484,7 +498,7 @@ class Gateway:
         headers.append(_NO_BUFFERING)
         # The gateway's own time before the answer starts: its checks, plus the turnaround
         # of the model's headers (waits for a queue slot or a start are not counted).
-        overhead = (own_time + time.perf_counter() - answered) * 1000
+        overhead = (time.perf_counter() - own_from) * 1000
         record.overhead_ms = overhead
         headers.append((b"x-llm-manager-overhead-ms", f"{overhead:.3f}".encode()))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
@@ -514,7 +528,7 @@ class Gateway:
             # Headers are out: the status cannot change. An event stream gets an error
             # event (OpenAI clients raise it); other bodies are cut short.
             record.status = 502
-            record.error = self._cut_message(record.model, exc)
+            record.error = _cut_message(runtime, stops, exc)
             if sse:
                 await send(_error_event(record.error, "upstream_error", 502))
             else:
@@ -532,45 +546,39 @@ class Gateway:
         if record.ttfb_ms is None:
             record.ttfb_ms = (time.perf_counter() - began) * 1000
 
-    def _cut_message(self, model: str, exc: UpstreamError) -> str:
-        """Why an answer broke off: the stop that cut it when the model was stopped (stop,
-        eviction, shutdown), else what the connection did."""
-        try:
-            runtime = self._supervisor.resolve(model)
-        except ManagerError:
-            runtime = None
-        if runtime is not None and runtime.state in _STOPPED_OR_STOPPING:
-            return _stopped_while_answering(runtime)
-        return f"model server failed mid-response: {exc!r}"
 
-    async def _pipe_into_stream(
-        self, upstream: Response, send: Send, record: RequestRecord
-    ) -> None:
-        """Relay the model's answer as the rest of an event stream already begun: an error
-        answer becomes an error event (the status line has gone out as 200)."""
-        if upstream.status >= 400 or not upstream.content_type.startswith(b"text/event-stream"):
-            parts = []
-            while chunk := await upstream.read():
-                parts.append(chunk)
-            text = b"".join(parts).decode("utf-8", "replace")[:2000]
-            await send(_error_event(text, "upstream_error", upstream.status))
-            return
-        scanner = SSEUsageScanner()
-        record.stream = True
-        try:
-            while chunk := await upstream.read():
-                last = upstream.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                scanner.feed(chunk)
-                if last:
-                    return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except UpstreamError as exc:
-            record.status = 502
-            record.error = self._cut_message(record.model, exc)
-            await send(_error_event(record.error, "upstream_error", 502))
-        finally:
-            _apply(record, scanner.finish())
+async def _pipe_into_stream(
+    upstream: Response,
+    send: Send,
+    record: RequestRecord,
+    runtime: ModelRuntime | None,
+    stops: int,
+) -> None:
+    """Relay the model's answer as the rest of an event stream already begun: an error
+    answer becomes an error event (the status line has gone out as 200)."""
+    if upstream.status >= 400 or not upstream.content_type.startswith(b"text/event-stream"):
+        parts = []
+        while chunk := await upstream.read():
+            parts.append(chunk)
+        text = b"".join(parts).decode("utf-8", "replace")[:2000]
+        await send(_error_event(text, "upstream_error", upstream.status))
+        return
+    scanner = SSEUsageScanner()
+    record.stream = True
+    try:
+        while chunk := await upstream.read():
+            last = upstream.at_eof()
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            scanner.feed(chunk)
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except UpstreamError as exc:
+        record.status = 502
+        record.error = _cut_message(runtime, stops, exc)
+        await send(_error_event(record.error, "upstream_error", 502))
+    finally:
+        _apply(record, scanner.finish())
 
 
 def _error_event(message: str, kind: str, code: int) -> Message:
@@ -631,12 +639,6 @@ def _apply(record: RequestRecord, usage: Usage) -> None:
     record.cache_n = usage.cache_n
     record.prompt_n = usage.prompt_n
     record.predicted_n = usage.predicted_n
-
-
-def _model_name(scope: Scope, body: bytes) -> tuple[str | None, bool, bool]:
-    """``model`` from the body, else from ``?model=``; whether the body named it; and whether
-    the body asks for a stream (``_find_model`` without the form field)."""
-    return _find_model(scope, body)[:3]
 
 
 def _find_model(scope: Scope, body: bytes) -> tuple[str | None, bool, bool, FormModel | None]:
@@ -738,7 +740,13 @@ def without_connection_named(
     return [item for item in headers if item[0].lower() not in named]
 
 
-_STOPPED_OR_STOPPING = frozenset({State.STOPPING, State.STOPPED})
+def _cut_message(runtime: ModelRuntime | None, stops: int, exc: UpstreamError) -> str:
+    """Why an answer broke off: the stop that cut it when the model was stopped (stop,
+    eviction, shutdown) since the request was sent (``stops``: its count then, as in
+    ``_relay``), else what the connection did."""
+    if runtime is not None and runtime.stops != stops:
+        return _stopped_while_answering(runtime)
+    return f"model server failed mid-response: {exc!r}"
 
 
 def _stopped_while_answering(runtime: ModelRuntime) -> str:

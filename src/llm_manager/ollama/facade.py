@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_manager.errors import ManagerError
-from llm_manager.gateway.forward import Message, Receive, Scope, Send
+from llm_manager.gateway.forward import ClientGone, Message, Receive, Scope, Send, read_body
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
 from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
@@ -180,14 +180,14 @@ class OllamaFacade:
             elif path == "/api/ps":
                 await send_json(send, 200, {"models": self._loaded()})
             else:
-                body = await self._body(receive)
+                body = await self._body(scope, receive)
                 if path == "/api/show":
                     await self._show(send, body)
                 elif path in ("/api/embed", "/api/embeddings"):
                     await self._embed(scope, receive, send, body, legacy=path == "/api/embeddings")
                 else:
                     await self._complete(scope, receive, send, body, chat=path == "/api/chat")
-        except _ClientGone:
+        except ClientGone:
             return
         except Invalid as exc:
             await send_error(send, 400, str(exc))
@@ -267,23 +267,10 @@ class OllamaFacade:
 
     # --- requests through the gateway -------------------------------------------------------
 
-    async def _body(self, receive: Receive) -> dict[str, Any]:
-        limit = self._max_body
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Invalid(f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+    async def _body(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        raw = await read_body(scope["headers"], receive, self._max_body)
         try:
-            body = json.loads(b"".join(chunks) or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError:
             raise Invalid("the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -523,10 +510,6 @@ class OllamaFacade:
             last.update(translate.final_fields(usage, answer, began, _load_s(runtime, cold)))
             await send(_line(last))
         await send({"type": "http.response.body", "body": b""})
-
-
-class _ClientGone(Exception):
-    pass
 
 
 def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
