@@ -168,6 +168,8 @@ def test_processes_left_by_an_earlier_run_are_killed_at_start(
         manager_procs.append(m)
         assert orphan.wait(timeout=10) == -signal.SIGKILL
         assert "left by an earlier run" in m.log.read_text()
+        # The record is rewritten just after the kill: wait for it, not for a lucky moment.
+        wait_for(lambda: json.loads((run_dir / "processes.json").read_text()) == {})
         assert json.loads((run_dir / "processes.json").read_text()) == {}
     finally:
         if orphan.poll() is None:
