@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -75,7 +76,10 @@ def test_negative_sizes_and_schema() -> None:
     assert parse_mib(7) == 7  # whole numbers pass on to the field's own checks
     schema = json.loads(json_schema())
     sizes = schema["$defs"]["SchemeConfig"]["properties"]["devices"]["additionalProperties"]
-    assert {"integer", "string"} == {choice["type"] for choice in sizes["anyOf"]}
+    # A size, or auto (written, or nothing after the key).
+    assert {"integer", "string", "null"} == {choice["type"] for choice in sizes["anyOf"]}
+    pattern = next(c["pattern"] for c in sizes["anyOf"] if c["type"] == "string")
+    assert re.match(pattern, "auto") and re.match(pattern, "8GiB") and not re.match(pattern, "x")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llm_manager.config import Amount
 from llm_manager.devices.base import Device
 from llm_manager.models.scheduler import (
     Claim,
@@ -14,6 +15,7 @@ from llm_manager.models.scheduler import (
     choose,
     fit_scheme,
     is_present,
+    keep_free,
     matches,
     plan_eviction,
 )
@@ -118,8 +120,28 @@ def test_empty_name_matches_nothing(key: str) -> None:
 
 
 def test_reflected_claim_on_measured_device_is_not_subtracted_again() -> None:
-    [dev] = apply_claims([gpu(0, free=2000)], [Claim("a", "cuda:0", 6000, reflected=True)])
+    [dev] = apply_claims([gpu(0, free=2000)], [Claim("a", "cuda:0", 6000, shown=6000)])
     assert dev.memory_free == 2000
+
+
+def test_partly_shown_claim_subtracts_only_what_the_reading_lacks() -> None:
+    # A model that booked 6000 MiB and was measured holding 4500 so far (its KV cache not
+    # allocated yet): 1500 MiB more will go.
+    [dev] = apply_claims([gpu(0, free=3000)], [Claim("a", "cuda:0", 6000, shown=4500)])
+    assert dev.memory_free == 1500
+    # Measured above its booking: nothing more to subtract, never a negative claim.
+    [dev] = apply_claims([gpu(0, free=3000)], [Claim("a", "cuda:0", 6000, shown=7000)])
+    assert dev.memory_free == 3000
+
+
+def test_headroom_is_kept_free() -> None:
+    devices = [gpu(0, total=10000, free=9000), declared("v100", 16000)]
+    out = keep_free(devices, {"gpu": Amount(percent=10.0), "cuda:0": Amount(mib=500)})
+    assert [d.memory_free for d in out] == [8000, 16000 - 1600]
+    # System memory only by its own key.
+    cpu = Device("cpu", "cpu", "CPU", 4000, 1000, 3000)
+    assert keep_free([cpu], {"gpu": Amount(mib=100)})[0].memory_free == 3000
+    assert keep_free([cpu], {"cpu": Amount(mib=100)})[0].memory_free == 2900
 
 
 def test_pending_claim_on_measured_device_is_subtracted() -> None:
@@ -130,8 +152,8 @@ def test_pending_claim_on_measured_device_is_subtracted() -> None:
 
 def test_claims_on_declared_device_always_subtracted() -> None:
     claims = [
-        Claim("a", "static:v100", 6000, reflected=True),
-        Claim("b", "static:v100", 4000, reflected=False),
+        Claim("a", "static:v100", 6000, shown=6000),
+        Claim("b", "static:v100", 4000),
     ]
     [dev] = apply_claims([declared("v100", 16000)], claims)
     assert dev.memory_free == 6000

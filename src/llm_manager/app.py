@@ -34,6 +34,7 @@ from llm_manager.models.supervisor import Supervisor
 from llm_manager.ollama.facade import OllamaFacade
 from llm_manager.reload import Reloader
 from llm_manager.store.db import Database
+from llm_manager.store.footprints import FootprintStore
 from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import RequestRecord, UsageStore
 from llm_manager.web import serve as web
@@ -68,7 +69,9 @@ class Application:
                 max_lines=server.log_max_lines,
             ),
         )
-        self.supervisor = Supervisor(loaded, self.monitor, http, self.logbook)
+        self.supervisor = Supervisor(
+            loaded, self.monitor, http, self.logbook, FootprintStore(self.db)
+        )
         self.metrics = Metrics(self.supervisor, self.monitor)
         self.reloader = Reloader(
             loaded,

@@ -112,6 +112,98 @@ MemoryMiB = Annotated[
         }
     ),
 ]
+AUTO = "auto"
+
+
+def parse_need(value: object) -> object:
+    """A scheme's memory on one device: a size (see parse_mib), or ``auto`` (or nothing
+    written after the key): measured at earlier runs, else estimated (docs/memory.md)."""
+    if value is None or (isinstance(value, str) and value.strip().casefold() == AUTO):
+        return AUTO
+    try:
+        mib = parse_mib(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or auto to use what earlier runs measured") from None
+    if isinstance(mib, int) and not isinstance(mib, bool) and mib < 0:
+        raise ValueError("Input should be greater than or equal to 0")
+    return mib
+
+
+# Checked whole by parse_need (a union would report each of its branches' complaints).
+MemoryNeed = Annotated[
+    int | str,
+    BeforeValidator(parse_need),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {
+                    "type": "string",
+                    "pattern": r"^\s*((\d+(\.\d*)?|\.\d+)\s*[a-zA-Z]*|[aA][uU][tT][oO])\s*$",
+                },
+                {"type": "null"},
+            ],
+            "description": "MiB as a number, a size with a unit (800MiB, 8GiB, 1.5G, 800MB), "
+            "or auto (or empty): measured at earlier runs, else estimated.",
+        }
+    ),
+]
+
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+
+
+@dataclass(frozen=True)
+class Amount:
+    """MiB, or a percentage of something (a device's total, a measured peak)."""
+
+    mib: int = 0
+    percent: float = 0.0
+
+    def of(self, base: float) -> int:
+        """The amount for a base of ``base`` MiB, rounded up."""
+        return self.mib if not self.percent else math.ceil(base * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else f"{self.mib} MiB"
+
+
+def parse_amount(value: object) -> Amount:
+    """``10%`` or a size (``512``, ``512MiB``, ``1GiB``) -> Amount."""
+    if isinstance(value, Amount):
+        return value
+    if isinstance(value, str) and (match := _PERCENT_RE.match(value)):
+        percent = float(match.group(1))
+        if percent >= 100:
+            raise ValueError(f"{value!r}: a percentage must be below 100%")
+        return Amount(percent=percent)
+    mib = parse_mib(value)
+    if not isinstance(mib, int) or isinstance(mib, bool) or mib < 0:
+        raise ValueError(f"{value!r} is not a size or a percentage (10%, 512MiB, 1GiB)")
+    return Amount(mib=mib)
+
+
+AmountField = Annotated[
+    Amount,
+    BeforeValidator(parse_amount),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string"},
+            ],
+            "description": "MiB, a size with a unit (512MiB, 1GiB) or a percentage (10%).",
+        }
+    ),
+]
+
+
+def _headroom_form(value: object) -> object:
+    # A single value is short for every accelerator (system memory has its own entry, cpu).
+    if isinstance(value, dict) or value is None:
+        return value or {}
+    return {"gpu": value}
+
+
 Mode = Literal["chat", "base", "embedding", "reranker"]
 MODE_LABELS: dict[str, str] = {
     "chat": "Chat",
@@ -220,6 +312,22 @@ class ServerConfig(_Strict):
         0.0,
         description="While a streamed request waits for its model, send an SSE comment line "
         "this often to keep the client's connection alive; 0 = off.",
+    )
+    memory_margin: AmountField = Field(
+        Amount(percent=10.0),
+        description="Added to a measured or estimated footprint when a scheme's memory is "
+        "auto (a percentage of it, or MiB).",
+    )
+    measured_raises_declared: bool = Field(
+        False,
+        description="Plan with the measured peak (plus memory_margin) where it is above the "
+        "MiB a scheme declares; off: declared numbers always win.",
+    )
+    memory_headroom: Annotated[dict[str, AmountField], BeforeValidator(_headroom_form)] = Field(
+        default_factory=dict,
+        description="Memory kept free on each device, never planned for: MiB or a "
+        "percentage of the device's total; one value for every GPU, or per device key "
+        "(gpu = every accelerator, cpu = system memory, cuda:N, a name).",
     )
     ollama_api: bool = Field(
         True, description="Serve the Ollama API (/api/tags, /api/chat...; docs/api.md)."
@@ -340,10 +448,11 @@ class HooksConfig(_Strict):
 class SchemeConfig(_Strict):
     """One way to start a model on one combination of devices."""
 
-    devices: dict[DeviceKey, MemoryMiB] = Field(
+    devices: dict[DeviceKey, MemoryNeed] = Field(
         default_factory=dict,
         description="Device key -> MiB the model needs there (0 = must be present); "
-        "a number is MiB, or a size such as 8GiB, 1.5G or 800MB.",
+        "a number is MiB, or a size such as 8GiB, 1.5G or 800MB; auto (or empty) = "
+        "measured at earlier runs, else estimated from the GGUF (docs/memory.md).",
     )
     command: str | list[str] | None = Field(
         None, description="Command line (split like a shell line, run without a shell)."

@@ -112,6 +112,15 @@ class ModelLog:
     def lines(self) -> list[LogLine]:
         return list(self._lines)
 
+    @property
+    def last_seq(self) -> int:
+        """The number of the latest line (0 before any): a mark for ``lines_after``."""
+        return self._seq
+
+    def lines_after(self, seq: int) -> list[LogLine]:
+        """The lines kept in memory that came after the mark ``seq``."""
+        return [line for line in self._lines if line.seq > seq]
+
     def subscribe(self) -> tuple[list[LogLine], Subscription]:
         """The history now, and every line after it: nothing lost or repeated between."""
         subscription = Subscription(self._subscriber_limit)

@@ -15,8 +15,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from llm_manager.api.memory import memory_info
 from llm_manager.devices.monitor import DeviceMonitor
-from llm_manager.models.runtime import State
+from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.usage import RequestRecord
 
@@ -217,6 +218,7 @@ class _LiveState(Collector):
             if r.last_start_seconds is not None:
                 start_seconds.add_metric([r.name], r.last_start_seconds)
         yield from (pending, queued, waiting, blocked, state, starts, crashes, start_seconds)
+        yield self._memory(runtimes)
         used = GaugeMetricFamily(
             "llm_manager_device_memory_used_mib", "Device memory in use.", labels=["device", "name"]
         )
@@ -229,3 +231,28 @@ class _LiveState(Collector):
                 used.add_metric([device.key, device.name], device.memory_used)
                 free.add_metric([device.key, device.name], device.memory_free)
         yield from (used, free)
+
+    def _memory(self, runtimes: list[ModelRuntime]) -> GaugeMetricFamily:
+        memory = GaugeMetricFamily(
+            "llm_manager_model_memory_mib",
+            "A model's memory per scheme device key (device 'host' = system memory of a "
+            "scheme without a cpu key), by figure: declared, planned (what placement uses), "
+            "booked (this run), now (latest reading), load_peak and serve_peak (measured "
+            "over runs of this scheme definition), estimate (GGUF).",
+            labels=["model", "scheme", "device", "figure"],
+        )
+        for r in runtimes:
+            scheme = r.scheme or next(iter(r.spec.schemes))
+            info = memory_info(self._supervisor, r, scheme)
+            rows = dict(info["devices"])
+            if info["host"] is not None:
+                rows["host"] = info["host"]
+            for key, row in rows.items():
+                for figure in _MEMORY_FIGURES:
+                    value = row.get(figure)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        memory.add_metric([r.name, scheme, key, figure], value)
+        return memory
+
+
+_MEMORY_FIGURES = ("declared", "planned", "booked", "now", "load_peak", "serve_peak", "estimate")

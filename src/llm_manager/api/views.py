@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from llm_manager.api.memory import memory_info
 from llm_manager.config import MODE_LABELS
 from llm_manager.devices.base import Device
 from llm_manager.models.runtime import ModelRuntime, State
@@ -44,6 +45,7 @@ def model_info(
         "auto_start": runtime.spec.auto_start,
         "idle_timeout_sec": runtime.idle_timeout,
         "start_count": runtime.start_count,
+        "memory": memory_info(supervisor, runtime, preview.scheme),
     }
 
 

@@ -16,6 +16,7 @@ from llm_manager.config import Config, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.static import StaticProvider
 from llm_manager.models import scheduler
+from llm_manager.models.sizing import declared_only
 
 # Scheme combinations tried before giving up the search (and not reporting anything).
 MAX_COMBINATIONS = 4096
@@ -43,7 +44,8 @@ def pinned_conflict(
         return None
     empty = [replace(d, memory_free=d.memory_total) for d in devices]
     options = [
-        [(scheme, _known(s.devices, empty)) for scheme, s in spec.schemes.items()]
+        # auto memory is not known before a run: only written numbers are judged.
+        [(scheme, _known(declared_only(s.devices), empty)) for scheme, s in spec.schemes.items()]
         for _, spec in pinned
     ]
     first_failure: str | None = None

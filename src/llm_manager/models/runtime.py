@@ -23,6 +23,7 @@ from llm_manager.errors import DeviceUnavailable, ManagerError, ModelStopped, St
 from llm_manager.logs import ModelLog
 from llm_manager.models import launch
 from llm_manager.models.gate import ConcurrencyGate
+from llm_manager.models.oom import out_of_memory
 from llm_manager.models.process import ModelProcess, run_command
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.runstate import RunState
@@ -52,6 +53,13 @@ class Placer(Protocol):
     async def place(self, runtime: ModelRuntime) -> tuple[Fit, list[int]]: ...
 
     def release(self, name: str) -> None: ...
+
+    async def make_room(self, runtime: ModelRuntime, fit: Fit) -> tuple[list[str], str]:
+        """After an out-of-memory start: stop the models that may go now from the devices
+        the model was placed on; (their names, what the devices hold now)."""
+
+    async def describe_memory(self, fit: Fit) -> str:
+        """What the devices of a placement hold now, for an error message."""
 
     def changed(self) -> None:
         """A model's state or in-flight count changed: placements waiting for room look again."""
@@ -194,6 +202,15 @@ class ModelRuntime:
             return False
         ends = self.turn_ends
         return left <= 0 or (ends is not None and now >= ends)
+
+    @property
+    def serving(self) -> bool:
+        """Whether this run has had a request (its memory then includes what serving
+        takes, beyond what loading took)."""
+        ready = self.ready_at
+        return self._state is State.ROUTING and (
+            self.admitted > 0 or (ready is not None and self.last_used > ready)
+        )
 
     def idle_seconds(self, now: float | None = None) -> float:
         if self.pending or self._state in (State.STARTING, State.HEALTH_CHECK):
@@ -339,8 +356,6 @@ class ModelRuntime:
 
     async def _start(self) -> None:
         began = time.monotonic()
-        timeout = self.settings.startup_timeout
-        proc: ModelProcess | None = None
         self.failure_reason = None
         self._set_state(State.STARTING)
         try:
@@ -349,62 +364,24 @@ class ModelRuntime:
                 # startup_timeout and the start time count from here: a wait for room
                 # (up to queue_timeout) is not part of starting.
                 began = time.monotonic()
-                self.scheme = fit.scheme
-                scheme = self.spec.schemes[fit.scheme]
-                port = self.spec.port or launch.free_port()
-                launch.ensure_port_free(port)
-                plan = launch.build(
-                    scheme,
-                    name=self.name,
-                    aliases=self.spec.aliases,
-                    port=port,
-                    data_dir=self.settings.data_dir,
-                    base_dir=self.settings.base_dir,
-                    gpu_indices=gpu_indices,
-                )
-                self.port = port
-                run = _Run(scheme, plan)
-                problem = await self._hook("before_start", scheme.hooks.before_start, run, None)
-                if problem is not None:
-                    raise StartFailed(f"model {self.name!r} was not started: {problem}")
-                self.log.event(f"starting with scheme {fit.scheme} on port {port}: {plan.display}")
-                try:
-                    proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
-                except OSError as exc:
-                    raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
-                self._adopt(proc, run)
-                self._set_state(State.HEALTH_CHECK)
-                remaining = max(0.0, timeout - (time.monotonic() - began))
-                try:
-                    await asyncio.wait_for(self._probe(proc), remaining)
-                except TimeoutError:
-                    raise StartFailed(
-                        f"model {self.name!r} was not ready after {timeout:g} s (startup_timeout)"
-                    ) from None
-                problem = await self._hook("after_start", scheme.hooks.after_start, run, proc.pid)
-                if problem is not None:
-                    raise StartFailed(f"model {self.name!r} failed to start: {problem}")
-                if proc.returncode is not None:
-                    raise StartFailed(
-                        f"model {self.name!r} exited with code {proc.returncode} during start"
-                    )
+                began = await self._launch_or_recover(fit, gpu_indices, began)
             except asyncio.CancelledError:
-                await self._teardown(proc, "start cancelled")
+                await self._teardown(self._proc, "start cancelled")
                 self._set_state(State.STOPPED)
                 raise
             except DeviceUnavailable as exc:
                 # No room (now, or within queue_timeout): the model is not broken.
-                await self._teardown(proc, exc.message)
+                await self._teardown(self._proc, exc.message)
                 self._set_state(State.STOPPED)
                 detail = f" ({exc.detail})" if exc.detail else ""
                 self.log.event(f"not started: {exc.message}{detail}")
                 raise
             except ManagerError as exc:
-                await self._teardown(proc, exc.message)
+                await self._teardown(self._proc, exc.message)
                 self._fail(exc.message)
                 raise
             except Exception as exc:  # anything unforeseen still leaves no process behind
-                await self._teardown(proc, repr(exc))
+                await self._teardown(self._proc, repr(exc))
                 self._fail(f"start failed: {exc!r}")
                 raise StartFailed(f"model {self.name!r} failed to start: {exc!r}") from exc
             self.start_count += 1
@@ -415,6 +392,100 @@ class ModelRuntime:
             self.log.event(f"ready after {time.monotonic() - began:.1f} s")
         finally:
             self._start_task = None
+
+    async def _out_of_memory(self, mark: int) -> str | None:
+        """After a failed start: stop what is left of the process (its last output read),
+        then tell whether it ran out of memory (the evidence), from what it printed since
+        ``mark`` and how it ended."""
+        proc = self._proc
+        if proc is None:
+            return None  # it never ran: not a question of memory
+        ended = proc.returncode  # by itself (not by the stop below, which may SIGKILL it)
+        await self._teardown(proc, "start failed")
+        return out_of_memory(self.log.lines_after(mark), ended)
+
+    async def _launch_or_recover(self, fit: Fit, gpu_indices: list[int], began: float) -> float:
+        """Launch the placed model. When its engine runs out of memory while starting, stop
+        what the placer can to make room and try once more. Returns when the try that
+        succeeded began."""
+        mark = self.log.last_seq
+        try:
+            await self._launch(fit, gpu_indices, began)
+            return began
+        except StartFailed as exc:
+            oom = await self._out_of_memory(mark)
+            if oom is None:
+                raise
+            self.log.event(f"out of memory while starting ({oom})")
+            self._set_state(State.STARTING)
+            evicted, held = await self._placer.make_room(self, fit)
+            if not evicted:
+                raise StartFailed(
+                    f"model {self.name!r} ran out of memory while starting ({oom}) and no "
+                    f"other model could be stopped to make room: {held}",
+                    exc.detail,
+                ) from None
+        self.log.event(f"stopped {', '.join(evicted)} to make room; starting once more")
+        began = time.monotonic()
+        fit, gpu_indices = await self._placer.place(self)
+        mark = self.log.last_seq
+        try:
+            await self._launch(fit, gpu_indices, began)
+            return began
+        except StartFailed as exc:
+            oom = await self._out_of_memory(mark)
+            if oom is None:
+                raise
+            held = await self._placer.describe_memory(fit)
+            raise StartFailed(
+                f"model {self.name!r} ran out of memory while starting, again after "
+                f"{', '.join(evicted)} stopped to make room ({oom}): {held}",
+                exc.detail,
+            ) from None
+
+    async def _launch(self, fit: Fit, gpu_indices: list[int], began: float) -> None:
+        """Start the process of a placed model and wait until it is ready (hooks included).
+        Raises StartFailed; the process, once spawned, is the runtime's (``_proc``)."""
+        timeout = self.settings.startup_timeout
+        self.scheme = fit.scheme
+        scheme = self.spec.schemes[fit.scheme]
+        port = self.spec.port or launch.free_port()
+        launch.ensure_port_free(port)
+        plan = launch.build(
+            scheme,
+            name=self.name,
+            aliases=self.spec.aliases,
+            port=port,
+            data_dir=self.settings.data_dir,
+            base_dir=self.settings.base_dir,
+            gpu_indices=gpu_indices,
+        )
+        self.port = port
+        run = _Run(scheme, plan)
+        problem = await self._hook("before_start", scheme.hooks.before_start, run, None)
+        if problem is not None:
+            raise StartFailed(f"model {self.name!r} was not started: {problem}")
+        self.log.event(f"starting with scheme {fit.scheme} on port {port}: {plan.display}")
+        try:
+            proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
+        except OSError as exc:
+            raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
+        self._adopt(proc, run)
+        self._set_state(State.HEALTH_CHECK)
+        remaining = max(0.0, timeout - (time.monotonic() - began))
+        try:
+            await asyncio.wait_for(self._probe(proc), remaining)
+        except TimeoutError:
+            raise StartFailed(
+                f"model {self.name!r} was not ready after {timeout:g} s (startup_timeout)"
+            ) from None
+        problem = await self._hook("after_start", scheme.hooks.after_start, run, proc.pid)
+        if problem is not None:
+            raise StartFailed(f"model {self.name!r} failed to start: {problem}")
+        if proc.returncode is not None:
+            raise StartFailed(
+                f"model {self.name!r} exited with code {proc.returncode} during start"
+            )
 
     async def _probe(self, proc: ModelProcess) -> None:
         """Return once the health path answers 200.

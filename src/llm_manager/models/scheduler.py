@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from llm_manager.config import Amount
 from llm_manager.devices.base import Device
 
 
@@ -16,14 +17,16 @@ from llm_manager.devices.base import Device
 class Claim:
     """Memory a model holds (or is about to hold) on a device.
 
-    ``reflected`` is True when a measurement already includes it (a running model on probed
-    hardware); such a claim must not be subtracted a second time.
+    ``shown`` is the part of it that a reading of the device already includes (what the
+    model's processes were measured to hold, or all of it for a running model whose
+    processes the reading cannot tell apart); only the rest is subtracted from a measured
+    device's free memory, so nothing is counted twice.
     """
 
     model: str
     device_key: str
     mib: int
-    reflected: bool = False
+    shown: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,35 @@ def apply_claims(devices: Sequence[Device], claims: Sequence[Claim]) -> list[Dev
     out = []
     for dev in devices:
         held = sum(
-            c.mib for c in claims if c.device_key == dev.key and not (c.reflected and dev.measured)
+            c.mib - (min(c.mib, c.shown) if dev.measured else 0)
+            for c in claims
+            if c.device_key == dev.key
         )
-        if held:
+        if held > 0:
             free = max(0, dev.memory_free - held)
             dev = replace(dev, memory_free=free, memory_used=dev.memory_total - free)
+        out.append(dev)
+    return out
+
+
+def keep_free(devices: Sequence[Device], headroom: Mapping[str, Amount]) -> list[Device]:
+    """The devices with ``headroom`` taken off their free memory (never planned for).
+
+    Keys are device keys (``cpu``, ``cuda:N``, a name) or ``gpu`` for every device that is
+    not system memory; where several match a device, the largest amount applies."""
+    if not headroom:
+        return list(devices)
+    out = []
+    for dev in devices:
+        amounts = [
+            amount.of(dev.memory_total)
+            for key, amount in headroom.items()
+            if (key.strip().casefold() == "gpu" and dev.kind != "cpu") or matches(key, dev)
+        ]
+        keep = max(amounts, default=0)
+        if keep:
+            free = max(0, dev.memory_free - keep)
+            dev = replace(dev, memory_free=free)
         out.append(dev)
     return out
 
@@ -177,7 +204,7 @@ def _fit(name: str, needs: Mapping[str, int], assignment: Mapping[str, str]) -> 
     return Fit(name, ordered, {ordered[k]: mib for k, mib in needs.items()})
 
 
-def is_present(needs: Mapping[str, int], devices: Sequence[Device]) -> bool:
+def is_present(needs: Mapping[str, object], devices: Sequence[Device]) -> bool:
     """Whether every device the scheme names is online, ignoring memory."""
     return all(any(d.online and matches(key, d) for d in devices) for key in needs)
 

@@ -15,19 +15,22 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from llm_manager.config import LoadedConfig, ModelConfig
+from llm_manager.config import Amount, LoadedConfig, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
+from llm_manager.models.footprint import FootprintBook, definition_of, read_usage
 from llm_manager.models.pinning import pinned_conflict
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.registry import Registry
 from llm_manager.models.runstate import RunState
 from llm_manager.models.runtime import ModelRuntime, RuntimeSettings, State
 from llm_manager.models.scheduler import Claim, Fit, Holder
+from llm_manager.models.sizing import SchemeNeeds, Sizer, SizingSettings, gguf_estimator
 from llm_manager.models.turns import Turns, Wait
+from llm_manager.store.footprints import FootprintStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 MEMORY_SETTLE_SECONDS = 10.0
 # States in which a model holds its booked memory (and may have to be waited for).
 _HOLDING = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.STOPPING})
+# How often the memory of running models is read: often while one loads (its peak after
+# load is what the next start plans with), less often while they serve.
+MEASURE_LOADING = 0.5
+MEASURE_SERVING = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,11 @@ class Preview:
     scheme: str | None
     command: str | None
     is_available: bool
+
+
+def _sizing_settings(loaded: LoadedConfig) -> SizingSettings:
+    server = loaded.config.server
+    return SizingSettings(server.memory_margin, server.measured_raises_declared)
 
 
 def _runtime_settings(loaded: LoadedConfig) -> RuntimeSettings:
@@ -67,6 +79,7 @@ class Supervisor:
         monitor: DeviceMonitor,
         http: aiohttp.ClientSession,
         logbook: LogBook,
+        footprints: FootprintStore | None = None,
     ) -> None:
         server = loaded.config.server
         self.monitor = monitor
@@ -74,7 +87,15 @@ class Supervisor:
         self._logbook = logbook
         self._reaper = Reaper()
         self._runstate = RunState(server.data_dir)
-        self._claims: dict[str, tuple[tuple[str, int], ...]] = {}
+        # The placement of every model holding memory: its scheme, devices and MiB booked.
+        self._fits: dict[str, Fit] = {}
+        self.footprints = FootprintBook(footprints)
+        self.sizer = Sizer(
+            self.footprints,
+            _sizing_settings(loaded),
+            gguf_estimator(server.data_dir, loaded.base_dir),
+        )
+        self._headroom: dict[str, Amount] = dict(server.memory_headroom)
         self._placement_lock = asyncio.Lock()
         self.turns = Turns()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -110,6 +131,8 @@ class Supervisor:
         added stopped. Returns what happened to each model.
         """
         settings = _runtime_settings(loaded)
+        self.sizer.settings = _sizing_settings(loaded)
+        self._headroom = dict(loaded.config.server.memory_headroom)
         old = dict(self.registry.items())
         report: dict[str, list[str]] = {
             "added": [],
@@ -150,6 +173,7 @@ class Supervisor:
     async def start(self) -> None:
         """Clean up after an earlier run, start the reaper and the idle loop, and begin the
         auto-start models in the background (the HTTP server does not wait for them)."""
+        await asyncio.to_thread(self.footprints.load)
         killed = self._runstate.cleanup_previous()
         if killed:
             log.warning("killed %d model process(es) left by an earlier run", len(killed))
@@ -163,6 +187,7 @@ class Supervisor:
         await self._reaper.start()
         self._spawn(self._warn_unknown_devices(), "device check")
         self._spawn(self._idle_loop(), "idle unload")
+        self._spawn(self._measure_loop(), "memory measurement")
         self._spawn(self._autostart(), "auto-start")
 
     async def shutdown(self) -> None:
@@ -193,8 +218,8 @@ class Supervisor:
         if runtime.state is not State.STOPPED and runtime.scheme is not None:
             chosen = runtime.scheme
         else:
-            free = scheduler.apply_claims(devices, self._claims_of(exclude=runtime.name))
-            fit = scheduler.choose([(n, s.devices) for n, s in schemes.items()], free)
+            free = self._free(devices, exclude=runtime.name)
+            fit = scheduler.choose(self._plannable(runtime)[0], free)
             if isinstance(fit, Fit):
                 chosen = fit.scheme
             else:
@@ -211,7 +236,9 @@ class Supervisor:
         """Book room for a model, evicting others if needed, and waiting while the models
         that must make room are busy (up to the model's queue_timeout); see design.md
         beside this file."""
-        schemes = [(n, s.devices) for n, s in runtime.spec.schemes.items()]
+        schemes, problems = self._plannable(runtime)
+        if not schemes:
+            raise DeviceUnavailable("the model's memory is not known", "; ".join(problems))
         wait = self.turns.enter(runtime.name, runtime.spec.priority, runtime.queue_timeout)
         try:
             while True:
@@ -242,10 +269,10 @@ class Supervisor:
             # After an eviction, read the devices afresh: the memory must actually be
             # free (a GPU releases an exited process's memory a moment later).
             snap = await self.monitor.snapshot(max_age=0 if evicted else None)
-            devices = scheduler.apply_claims(snap.devices, self._claims_of(exclude=runtime.name))
+            devices = self._free(snap.devices, exclude=runtime.name)
             result = scheduler.choose(schemes, devices)
             if isinstance(result, Fit):
-                self._claims[runtime.name] = tuple(result.needs.items())
+                self._book(runtime, result)
                 return result, result.gpu_indices(snap.devices)
             if time.monotonic() < settle_until:
                 await asyncio.sleep(0.25)
@@ -282,15 +309,16 @@ class Supervisor:
         now = time.monotonic()
         holders = []
         for r in self.runtimes:
+            fit = self._fits.get(r.name)
             if (
                 r is runtime
-                or r.name not in self._claims
+                or fit is None
                 or r.name in already
                 or r.spec.pinned
                 or r.state not in _HOLDING
             ):
                 continue
-            claims = tuple(Claim(r.name, k, m) for k, m in self._claims[r.name])
+            claims = tuple(Claim(r.name, k, m) for k, m in fit.needs.items())
             holders.append(Holder(r.name, r.last_used, claims, r.spec.priority, r.swappable(now)))
         reserved = self.turns.reserved_before(wait)
         free_to_take = [h for h in holders if h.model not in reserved]
@@ -360,17 +388,137 @@ class Supervisor:
     def changed(self) -> None:
         self.turns.notify()
 
+    # --- out of memory at start -----------------------------------------------------------
+
+    async def make_room(self, runtime: ModelRuntime, fit: Fit) -> tuple[list[str], str]:
+        """An engine ran out of memory while starting although the plan said it fits (a
+        footprint larger than booked, or memory taken by programs we do not manage): stop
+        the models on its devices that may go now (not pinned, nothing in flight), wait
+        for their memory to show free, and say what the devices hold."""
+        wanted = set(fit.needs)
+        async with self._placement_lock:
+            victims = [
+                r
+                for r in self.runtimes
+                if r is not runtime
+                and not r.spec.pinned
+                and r.state is State.ROUTING
+                and not r.admitted
+                and wanted & set(self._fits.get(r.name, Fit("", {}, {})).needs)
+            ]
+            for victim in victims:
+                log.info(
+                    "evicting %s: %s ran out of memory while starting", victim.name, runtime.name
+                )
+            await asyncio.gather(
+                *(
+                    v.stop(f"evicted: {runtime.name} ran out of memory while starting")
+                    for v in victims
+                )
+            )
+            if victims:
+                await self._settle(fit)
+        return [v.name for v in victims], await self.describe_memory(fit)
+
+    async def _settle(self, fit: Fit) -> None:
+        """Wait (a while at most) until the devices show the memory of a placement free."""
+        deadline = time.monotonic() + MEMORY_SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            snap = await self.monitor.snapshot(max_age=0)
+            free = {d.key: d.memory_free for d in self._free(snap.devices, exclude="")}
+            if all(free.get(key, 0) >= mib for key, mib in fit.needs.items()):
+                return
+            await asyncio.sleep(0.25)
+
+    async def describe_memory(self, fit: Fit) -> str:
+        """What the devices of a placement hold now: use, and the models booked there."""
+        snap = await self.monitor.snapshot(max_age=0)
+        parts = []
+        for key in fit.needs:
+            dev = next((d for d in snap.devices if d.key == key), None)
+            if dev is None:
+                parts.append(f"{key}: not present")
+                continue
+            booked = []
+            for name, other in self._fits.items():
+                mib = other.needs.get(key)
+                if mib is None:
+                    continue
+                runtime = self.registry.get(name)
+                marks = []
+                if runtime is not None and runtime.spec.pinned:
+                    marks.append("pinned")
+                if runtime is not None and runtime.admitted:
+                    marks.append(f"{runtime.admitted} request(s) in flight")
+                extra = f" ({', '.join(marks)})" if marks else ""
+                booked.append(f"{name} {mib} MiB{extra}")
+            models = f"; models booked there: {', '.join(booked)}" if booked else ""
+            parts.append(
+                f"{key} ({dev.name}): {dev.memory_used} of {dev.memory_total} MiB in use, "
+                f"{dev.memory_free} MiB free{models}"
+            )
+        return "; ".join(parts)
+
     def release(self, name: str) -> None:
-        self._claims.pop(name, None)
+        self._fits.pop(name, None)
+        self.footprints.end(name)
+
+    def booked(self, name: str) -> dict[str, int]:
+        """MiB booked by a model holding memory, by its scheme's device keys ({} if none)."""
+        fit = self._fits.get(name)
+        if fit is None:
+            return {}
+        return {key: fit.needs[dev] for key, dev in fit.assignment.items()}
+
+    def placed_on(self, name: str) -> dict[str, str]:
+        """The devices a model holding memory was placed on: scheme key -> Device.key."""
+        fit = self._fits.get(name)
+        return dict(fit.assignment) if fit is not None else {}
+
+    def sizes(self, runtime: ModelRuntime) -> dict[str, SchemeNeeds]:
+        """How each of the model's schemes would be planned now (sizing.py)."""
+        return {n: self.sizer.size(runtime.name, n, s) for n, s in runtime.spec.schemes.items()}
+
+    def _plannable(
+        self, runtime: ModelRuntime
+    ) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
+        """(scheme name, MiB per device key) of the schemes whose memory is known, and why
+        the others cannot be planned."""
+        schemes, problems = [], []
+        for name, sized in self.sizes(runtime).items():
+            needs = sized.needs
+            if needs is None:
+                problems.append(sized.problem() or name)
+            else:
+                schemes.append((name, needs))
+        return schemes, problems
+
+    def _book(self, runtime: ModelRuntime, fit: Fit) -> None:
+        self._fits[runtime.name] = fit
+        scheme = runtime.spec.schemes[fit.scheme]
+        self.footprints.begin(
+            runtime.name, fit.scheme, definition_of(scheme), fit.assignment, scheme.devices
+        )
+
+    def _free(self, devices: list[Device], exclude: str) -> list[Device]:
+        """Free memory for planning: the readings, less what booked models will still take
+        (claims), less the headroom kept free."""
+        claims = scheduler.apply_claims(devices, self._claims_of(exclude))
+        return scheduler.keep_free(claims, self._headroom)
 
     def _claims_of(self, exclude: str) -> list[Claim]:
         out = []
-        for name, held in self._claims.items():
+        for name, fit in self._fits.items():
             if name == exclude:
                 continue
-            # A routing model's memory already shows in probed readings.
-            reflected = self.resolve(name).state is State.ROUTING
-            out += [Claim(name, key, mib, reflected) for key, mib in held]
+            routing = self.resolve(name).state is State.ROUTING
+            seen = self.footprints.current(name)
+            for dev, mib in fit.needs.items():
+                # What a reading of the device already includes: the model's processes as
+                # measured there; for a routing model whose processes the reading does not
+                # list (NVML in a container), all of it.
+                shown = seen.get(dev, mib if routing else 0)
+                out.append(Claim(name, dev, mib, shown))
         return out
 
     # --- bulk operations ----------------------------------------------------------------
@@ -434,3 +582,27 @@ class Supervisor:
                 elif runtime.idle_due(now):
                     minutes = runtime.idle_timeout / 60
                     self._spawn(runtime.stop(f"idle {minutes:g} min"), f"idle stop {runtime.name}")
+
+    async def _measure_loop(self) -> None:
+        """Read what each running model's processes hold, for the footprint book."""
+        while True:
+            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
+            loading = any(r.state is not State.ROUTING for r in active)
+            await asyncio.sleep(MEASURE_LOADING if loading or not active else MEASURE_SERVING)
+            if active:
+                with contextlib.suppress(Exception):  # a failed reading is skipped, not fatal
+                    await self.measure(active)
+
+    async def measure(self, runtimes: list[ModelRuntime]) -> None:
+        snap = await self.monitor.snapshot(max_age=MEASURE_SERVING)
+        pids = {r.name: r.pid for r in runtimes if r.pid is not None}
+        readings = await asyncio.to_thread(
+            lambda: {name: read_usage(pid, snap.devices) for name, pid in pids.items()}
+        )
+        for runtime in runtimes:
+            usage = readings.get(runtime.name)
+            if not usage or runtime.pid != pids.get(runtime.name):
+                continue  # gone, or restarted while it was read
+            for warning in self.footprints.record(runtime.name, usage, runtime.serving):
+                runtime.log.event(f"memory: {warning}")
+                log.warning("model %s: %s", runtime.name, warning)

@@ -237,8 +237,7 @@ class OllamaFacade:
                 entry["expires_at"] = translate.iso(time.time() + left)
             else:
                 entry["expires_at"] = "2318-11-13T00:00:00Z"  # never (Ollama's "forever" shape)
-            scheme = runtime.spec.schemes.get(runtime.scheme or "")
-            booked = scheme.devices if scheme is not None else {}
+            booked = self._supervisor.booked(runtime.name)
             entry["size"] = sum(booked.values()) * 1024 * 1024
             entry["size_vram"] = (
                 sum(mib for key, mib in booked.items() if not str(key).startswith("cpu"))

@@ -42,4 +42,20 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX log_lines_ts ON log_lines (ts);
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE footprints (
+            model TEXT NOT NULL,
+            scheme TEXT NOT NULL,
+            device TEXT NOT NULL,
+            definition TEXT NOT NULL,
+            load_peak_mib INTEGER,
+            serve_peak_mib INTEGER,
+            runs INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (model, scheme, device)
+        );
+        """,
+    ),
 ]

@@ -1,0 +1,178 @@
+"""Measured memory: what a running model's process tree holds on each of its devices,
+and the peaks per scheme kept across runs (issue 18: measured, not guessed).
+
+GPU memory is read per process (NVML's compute processes, as the device snapshot lists
+them), host memory as the resident set of the process tree (psutil). A device whose
+reading does not list any of the model's processes (NVML inside a container sees other
+PIDs) has no reading: nothing is recorded for it, rather than a false zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import psutil
+
+from llm_manager.config import SchemeConfig
+from llm_manager.devices.base import Device
+from llm_manager.store.footprints import Footprint, FootprintStore
+
+log = logging.getLogger(__name__)
+HOST_KEY = "cpu"  # the key system memory has, in schemes and in device snapshots
+_MIB = 1024 * 1024
+
+
+def definition_of(scheme: SchemeConfig) -> str:
+    """A short fingerprint of what decides a scheme's footprint (how it is started)."""
+    text = json.dumps(
+        [scheme.command, scheme.script, sorted(scheme.env.items()), scheme.cwd],
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tree_pids(pid: int) -> list[int]:
+    """The process and its live descendants (engines fork workers); [] once gone."""
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def read_usage(pid: int, devices: Sequence[Device]) -> dict[str, int]:
+    """MiB the process tree of ``pid`` holds, by Device.key: ``cpu`` (resident set) and
+    every GPU whose per-process list shows one of its processes. Blocking (/proc reads)."""
+    pids = tree_pids(pid)
+    if not pids:
+        return {}
+    rss = 0
+    for p in pids:
+        try:
+            rss += psutil.Process(p).memory_info().rss
+        except psutil.Error:
+            continue  # ended between the listing and the read
+    usage = {HOST_KEY: -(-rss // _MIB)}
+    wanted = set(pids)
+    for dev in devices:
+        held = [mib for p, mib in dev.processes if p in wanted]
+        if held and dev.kind != "cpu":
+            usage[dev.key] = sum(held)
+    return usage
+
+
+@dataclass
+class _Run:
+    """One run of a model being measured."""
+
+    scheme: str
+    definition: str
+    # Device.key -> the scheme's device key, so that readings are kept per scheme key
+    # (a scheme's "cuda:0" may land on another GPU next time; its needs are the same).
+    keys: dict[str, str]
+    declared: dict[str, int | str]
+    current: dict[str, int] = field(default_factory=dict)  # by Device.key
+    warned: set[str] = field(default_factory=set)
+
+
+class FootprintBook:
+    """Owns the measured footprints (loaded from the store at start, kept up to date by
+    ``record``) and the latest reading of each running model. Event loop only."""
+
+    def __init__(self, store: FootprintStore | None, clock: Callable[[], float] = time.time):
+        self._store = store
+        self._clock = clock
+        self._book: dict[tuple[str, str, str], Footprint] = {}
+        self._runs: dict[str, _Run] = {}
+
+    def load(self) -> None:
+        if self._store is None:
+            return
+        try:
+            rows = self._store.load_all()
+        except Exception as exc:  # an unreadable store leaves measurements empty, not a crash
+            log.error("cannot read measured footprints: %s", exc)
+            return
+        self._book = {(fp.model, fp.scheme, fp.device): fp for fp in rows}
+
+    # --- queries ------------------------------------------------------------------------
+
+    def measured(self, model: str, scheme: str, definition: str) -> dict[str, Footprint]:
+        """The footprints of a scheme's current definition, by scheme device key."""
+        return {
+            key: fp
+            for (m, s, key), fp in self._book.items()
+            if m == model and s == scheme and fp.definition == definition
+        }
+
+    def current(self, model: str) -> dict[str, int]:
+        """The latest reading of a running model, by Device.key ({} when none)."""
+        run = self._runs.get(model)
+        return dict(run.current) if run is not None else {}
+
+    def rows(self) -> list[Footprint]:
+        return list(self._book.values())
+
+    # --- a run --------------------------------------------------------------------------
+
+    def begin(
+        self,
+        model: str,
+        scheme: str,
+        definition: str,
+        assignment: Mapping[str, str],
+        declared: Mapping[str, int | str],
+    ) -> None:
+        """A run was placed: its scheme keys sit on these devices (scheme key -> Device.key)."""
+        keys = {dev: key for key, dev in assignment.items()}
+        keys.setdefault(HOST_KEY, HOST_KEY)  # host memory is measured for every model
+        self._runs[model] = _Run(scheme, definition, keys, dict(declared))
+        for key in set(keys.values()):
+            fp = self._entry(model, scheme, definition, key)
+            self._put(replace(fp, runs=fp.runs + 1, updated_at=self._clock()))
+
+    def end(self, model: str) -> None:
+        self._runs.pop(model, None)
+
+    def record(self, model: str, usage: Mapping[str, int], serving: bool) -> list[str]:
+        """Take a reading (by Device.key). Returns warnings new to this run: a device whose
+        measured footprint went above what the scheme declares."""
+        run = self._runs.get(model)
+        if run is None:
+            return []
+        run.current = dict(usage)
+        warnings = []
+        for dev, mib in usage.items():
+            key = run.keys.get(dev)
+            if key is None:
+                continue
+            fp = self._entry(model, run.scheme, run.definition, key)
+            if serving and (fp.serve_peak or 0) < mib:
+                self._put(replace(fp, serve_peak=mib, updated_at=self._clock()))
+            elif not serving and (fp.load_peak or 0) < mib:
+                self._put(replace(fp, load_peak=mib, updated_at=self._clock()))
+            declared = run.declared.get(key)
+            if isinstance(declared, int) and declared and mib > declared and key not in run.warned:
+                run.warned.add(key)
+                warnings.append(
+                    f"measured {mib} MiB on {key}, above the {declared} MiB its scheme "
+                    f"{run.scheme!r} declares"
+                )
+        return warnings
+
+    def _entry(self, model: str, scheme: str, definition: str, key: str) -> Footprint:
+        fp = self._book.get((model, scheme, key))
+        if fp is None or fp.definition != definition:
+            # First run, or the scheme changed since: earlier figures say nothing now.
+            fp = Footprint(model, scheme, key, definition, None, None, 0, self._clock())
+        return fp
+
+    def _put(self, fp: Footprint) -> None:
+        self._book[(fp.model, fp.scheme, fp.device)] = fp
+        if self._store is not None:
+            self._store.save(fp)
