@@ -20,7 +20,7 @@ import yaml
 from rich.table import Table
 
 from llm_manager import __version__, settings
-from llm_manager.cli import words
+from llm_manager.cli import memory, words
 from llm_manager.cli.client import ClientError, Target, call, stream_events, targets
 from llm_manager.cli.importer import import_config
 from llm_manager.cli.llama import llama_server
@@ -196,6 +196,9 @@ def check_config(path: Path) -> None:
     for note in notes:
         click.echo(f"{path}: {note}", err=True)
     click.echo(f"{path}: valid ({len(models)} model(s): {', '.join(models) or 'none'})")
+    # What a start would plan auto memory with: information, never a failure of the check.
+    for line in memory.auto_lines(settings.resolve_paths(loaded)):
+        click.echo(f"{path}: {line}")
     if notes:
         click.echo(
             f"{len(notes)} warning(s): the file is valid, but these models cannot start "
@@ -254,6 +257,35 @@ def _launch_warnings(path: Path, loaded: LoadedConfig) -> list[str]:
     return found
 
 
+@cli.command()
+@click.argument("target", metavar="MODEL[:SCHEME]")
+@click.option("--config", "config_path", default=None, help="YAML configuration file.")
+@json_option
+def estimate(target: str, config_path: str | None, as_json: bool) -> None:
+    """Memory of a model's schemes, offline: declared, GGUF estimate, measured peaks (from
+    the data directory's database) and the estimate's error against them."""
+    try:
+        loaded = settings.load(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    try:
+        name, schemes = memory.find_model(loaded, target)
+    except LookupError as exc:
+        click.echo(f"error: {exc.args[0]}", err=True)
+        sys.exit(2)
+    rows, problem = memory.read_footprints(loaded.config.server.data_dir)
+    if problem:
+        click.echo(f"warning: {problem}", err=True)
+    plans = [memory.plan_scheme(loaded, name, scheme, rows) for scheme in schemes]
+    if as_json:
+        click.echo(json.dumps([memory.plan_json(p) for p in plans], indent=2))
+        return
+    for plan in plans:
+        for line in memory.plan_lines(plan):
+            click.echo(line)
+
+
 @cli.command("config-schema")
 def config_schema() -> None:
     """Print the configuration's JSON Schema (for editors)."""
@@ -293,6 +325,7 @@ _MODEL_COLUMNS = (
     Col("pid", optional=True),
     Col("port", optional=True),
     Col("scheme"),
+    Col("memory", optional=True, wraps=True),
     Col("pending", optional=True),
     Col("idle"),
 )
@@ -321,6 +354,7 @@ def models(url: str | None, as_json: bool) -> None:
                 str(info["pid"] or "-"),
                 str(info.get("port") or "-"),
                 info["config_source"] or "-",
+                memory.short(info.get("memory")),
                 str(info["pending_requests"]),
                 words.idle(info),
             ]
@@ -347,6 +381,10 @@ def info(name: str, url: str | None, as_json: bool) -> None:
     shown = [key for key in words.FIELDS if key in model]
     shown += [key for key in model if key not in words.FIELDS]
     for key in shown:
+        if key == "memory":  # one row per device (cli/memory.py)
+            for field, text, style in memory.info_rows(model[key]):
+                table.add_row(field, text, style=style)
+            continue
         table.add_row(words.field(key), words.value(key, model[key], model))
     console().print(table)
 

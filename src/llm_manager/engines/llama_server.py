@@ -39,6 +39,8 @@ from typing import Any
 PROG = "llm-manager llama-server"
 INSTALL_HINT = "pip install 'llm-manager[llama]'"
 POOLING_CHOICES = ("none", "mean", "cls", "last", "rank")
+# KV cache types llama-server accepts for -ctk/-ctv.
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -91,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Layers to offload to the GPU (number, 'auto' or 'all').",
     )
     p.add_argument(
+        "-ctk", "--cache-type-k", choices=CACHE_TYPES, help="KV cache type of K (default f16)."
+    )
+    p.add_argument(
+        "-ctv", "--cache-type-v", choices=CACHE_TYPES, help="KV cache type of V (default f16)."
+    )
+    p.add_argument(
+        "-nkvo", "--no-kv-offload", action="store_true", help="Keep the KV cache in host memory."
+    )
+    p.add_argument(
+        "-ts", "--tensor-split", help="Share of the model per GPU, comma-separated (3,1)."
+    )
+    p.add_argument(
         "-fa",
         "--flash-attn",
         choices=("on", "off", "auto"),
@@ -132,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tensor_split(value: str) -> list[float]:
+    try:
+        shares = [float(v) for v in value.replace("/", ",").split(",") if v.strip()]
+    except ValueError:
+        raise EngineError(f"--tensor-split {value!r}: expected numbers such as 3,1") from None
+    if not shares or any(v < 0 for v in shares):
+        raise EngineError(f"--tensor-split {value!r}: expected numbers such as 3,1")
+    return shares
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -163,6 +187,17 @@ def _params(xlc: Any, args: argparse.Namespace) -> Any:
         params.n_threads_http = args.threads_http
     if args.n_gpu_layers is not None:
         params.n_gpu_layers = args.n_gpu_layers
+    for flag, name in (("cache_type_k", args.cache_type_k), ("cache_type_v", args.cache_type_v)):
+        if name is not None:
+            setattr(params, flag, getattr(xlc.ggml_type, "GGML_TYPE_" + name.upper()))
+    if args.no_kv_offload:
+        params.no_kv_offload = True
+    if args.tensor_split:
+        shares = _tensor_split(args.tensor_split)
+        split = list(params.tensor_split)
+        if len(shares) > len(split):
+            raise EngineError(f"--tensor-split: at most {len(split)} devices")
+        params.tensor_split = shares + [0.0] * (len(split) - len(shares))
     if args.flash_attn is not None:
         kinds = {"on": "ENABLED", "off": "DISABLED", "auto": "AUTO"}
         params.flash_attn_type = getattr(
