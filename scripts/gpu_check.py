@@ -1,7 +1,10 @@
 """The GPU check, run on a machine with an NVIDIA GPU (the device tool): a real manager
 reads the GPU through NVML, starts a model on a `cuda:0` scheme (a PyTorch allocation of
-1 GiB stands in for a model server), shows the model's own GPU memory by PID, evicts it
-for a second model, and stops on SIGTERM. Prints everything it sees.
+1 GiB stands in for a model server), shows the model's own GPU memory by PID and its
+measured footprint (info's ``memory``), starts a model that declares too little and runs out
+of GPU memory (the manager evicts the idle model, tries once more, and fails with what the
+GPU held), evicts the first model for a big one, and stops on SIGTERM. Prints everything it
+sees.
 
     PYTHONPATH=src python3 scripts/gpu_check.py
 """
@@ -63,6 +66,12 @@ def main() -> int:
             "gpu-small": {
                 "schemes": {"GPU": {"devices": {"cuda:0": 2000}, "command": model + ["1024"]}}
             },
+            # Declares 1000 MiB but allocates more than the GPU has: PyTorch's CUDA OOM.
+            "gpu-oom": {
+                "schemes": {
+                    "GPU": {"devices": {"cuda:0": 1000}, "command": model + [str(int(free) + 4096)]}
+                }
+            },
             "gpu-big": {
                 "schemes": {"GPU": {"devices": {"nvidia h": big_need}, "command": model + ["2048"]}}
             },
@@ -96,6 +105,11 @@ def main() -> int:
         show("GET /api/devices/info (gpu-small running)", call(url, "/api/devices/info"))
         show("GET /api/models/gpu-small/info", call(url, "/api/models/gpu-small/info"))
         smi()
+        began = time.monotonic()
+        show("POST /api/models/gpu-oom/start", call(url, "/api/models/gpu-oom/start", "POST"))
+        print(f"answered in {time.monotonic() - began:.1f} s")
+        show("GET /api/models/all-models/info", call(url, "/api/models/all-models/info"))
+        show("POST /api/models/gpu-small/start", call(url, "/api/models/gpu-small/start", "POST"))
         began = time.monotonic()
         show("POST /api/models/gpu-big/start", call(url, "/api/models/gpu-big/start", "POST"))
         print(f"started in {time.monotonic() - began:.1f} s")

@@ -115,7 +115,10 @@ def short(memory: Mapping[str, Any] | None) -> str:
         peaks = [v for v in (host.get("load_peak"), host.get("serve_peak")) if v is not None]
         if peaks:
             cells.append(f"system {max(peaks)}")
-    return ", ".join(cells) + " MiB" if cells else "-"
+    if not cells:
+        return "-"
+    numbers = any(any(ch.isdigit() for ch in c.split(" ", 1)[1]) for c in cells)
+    return ", ".join(cells) + (" MiB" if numbers else "")
 
 
 # --- offline: estimate and check-config ------------------------------------------------------

@@ -36,34 +36,57 @@ def definition_of(scheme: SchemeConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def tree_pids(pid: int) -> list[int]:
-    """The process and its live descendants (engines fork workers); [] once gone."""
-    try:
-        root = psutil.Process(pid)
-        return [pid, *(c.pid for c in root.children(recursive=True))]
-    except psutil.Error:
-        return []
+def _children_map() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs of every process, from one pass over the process table."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            children.setdefault(ppid, []).append(proc.pid)
+    return children
+
+
+def _tree(pid: int, children: Mapping[int, list[int]]) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, ()))
+    return out
 
 
 def read_usage(pid: int, devices: Sequence[Device]) -> dict[str, int]:
-    """MiB the process tree of ``pid`` holds, by Device.key: ``cpu`` (resident set) and
-    every GPU whose per-process list shows one of its processes. Blocking (/proc reads)."""
-    pids = tree_pids(pid)
-    if not pids:
-        return {}
-    rss = 0
-    for p in pids:
-        try:
-            rss += psutil.Process(p).memory_info().rss
-        except psutil.Error:
-            continue  # ended between the listing and the read
-    usage = {HOST_KEY: -(-rss // _MIB)}
-    wanted = set(pids)
-    for dev in devices:
-        held = [mib for p, mib in dev.processes if p in wanted]
-        if held and dev.kind != "cpu":
-            usage[dev.key] = sum(held)
-    return usage
+    """MiB the process tree of ``pid`` holds, by Device.key (see ``read_usages``)."""
+    return read_usages({"": pid}, devices).get("", {})
+
+
+def read_usages(pids: Mapping[str, int], devices: Sequence[Device]) -> dict[str, dict[str, int]]:
+    """For each model's process (name -> PID): MiB its process tree holds, by Device.key:
+    ``cpu`` (resident set) and every GPU whose per-process list shows one of its
+    processes. Models whose process is gone are left out. Blocking (/proc reads): one pass
+    over the process table for all of them."""
+    children = _children_map()
+    out = {}
+    for name, pid in pids.items():
+        rss = 0
+        alive = False
+        tree = _tree(pid, children)
+        for p in tree:
+            try:
+                rss += psutil.Process(p).memory_info().rss
+            except psutil.Error:
+                continue  # ended between the listing and the read
+            alive = True
+        if not alive:
+            continue
+        usage = {HOST_KEY: -(-rss // _MIB)}
+        wanted = set(tree)
+        for dev in devices:
+            held = [mib for p, mib in dev.processes if p in wanted]
+            if held and dev.kind != "cpu":
+                usage[dev.key] = sum(held)
+        out[name] = usage
+    return out
 
 
 @dataclass

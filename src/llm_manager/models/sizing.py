@@ -151,7 +151,7 @@ def gguf_estimator(data_dir: Path, base_dir: Path) -> Estimator:
     """The GGUF estimate of llama.cpp schemes (engines/gguf_estimate.py)."""
 
     def estimate(model: str, name: str, scheme: SchemeConfig) -> dict[str, int] | None:
-        from llm_manager.engines import gguf_estimate  # reads GGUF headers: the gguf package
+        from llm_manager.engines import gguf_estimate  # only where an estimate is asked for
 
         try:
             return gguf_estimate.estimate_scheme(

@@ -21,7 +21,7 @@ from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
-from llm_manager.models.footprint import FootprintBook, definition_of, read_usage
+from llm_manager.models.footprint import FootprintBook, definition_of, read_usages
 from llm_manager.models.pinning import pinned_conflict
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.registry import Registry
@@ -42,6 +42,7 @@ _HOLDING = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.S
 # load is what the next start plans with), less often while they serve.
 MEASURE_LOADING = 0.5
 MEASURE_SERVING = 1.0
+MEASURE_GAP = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Supervisor:
             gguf_estimator(server.data_dir, loaded.base_dir),
         )
         self._headroom: dict[str, Amount] = dict(server.memory_headroom)
+        self._measure_now = asyncio.Event()
         self._placement_lock = asyncio.Lock()
         self.turns = Turns()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -387,6 +389,9 @@ class Supervisor:
 
     def changed(self) -> None:
         self.turns.notify()
+        # A model that just became ready has its footprint after load: read it now, not
+        # up to a sampling period later (a small model is loaded before the first sample).
+        self._measure_now.set()
 
     # --- out of memory at start -----------------------------------------------------------
 
@@ -588,7 +593,12 @@ class Supervisor:
         while True:
             active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
             loading = any(r.state is not State.ROUTING for r in active)
-            await asyncio.sleep(MEASURE_LOADING if loading or not active else MEASURE_SERVING)
+            period = MEASURE_LOADING if loading or not active else MEASURE_SERVING
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._measure_now.wait(), period)
+                await asyncio.sleep(MEASURE_GAP)  # changes come in bursts: one reading
+            self._measure_now.clear()
+            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
             if active:
                 with contextlib.suppress(Exception):  # a failed reading is skipped, not fatal
                     await self.measure(active)
@@ -596,9 +606,7 @@ class Supervisor:
     async def measure(self, runtimes: list[ModelRuntime]) -> None:
         snap = await self.monitor.snapshot(max_age=MEASURE_SERVING)
         pids = {r.name: r.pid for r in runtimes if r.pid is not None}
-        readings = await asyncio.to_thread(
-            lambda: {name: read_usage(pid, snap.devices) for name, pid in pids.items()}
-        )
+        readings = await asyncio.to_thread(read_usages, pids, snap.devices)
         for runtime in runtimes:
             usage = readings.get(runtime.name)
             if not usage or runtime.pid != pids.get(runtime.name):

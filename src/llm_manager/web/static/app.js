@@ -246,6 +246,7 @@ function modelRow(name, m) {
     stateCell,
     el("td", { class: "col-opt", text: m.config_source || "–",
       title: m.current_bat_path ? "command: " + m.current_bat_path : "" }),
+    memoryCell(m.memory),
     el("td", { class: "num col-opt", text: m.port ?? "–" }),
     el("td", { class: "num col-opt", text: m.pid ?? "–" }),
     el("td", { class: "num col-opt", text: m.waiting ? `${m.pending_requests} (${m.waiting} waiting)` : m.pending_requests }),
@@ -262,6 +263,57 @@ function modelRow(name, m) {
         }, "Stop"))));
   if (!m.is_available) tr.title = "no scheme's devices are present";
   return tr;
+}
+
+// Memory of the scheme in use (or the one a start would pick), per device key:
+// declared / measured peak / planned (source); the API's warnings highlighted
+// (api/memory.py; the CLI says the same in cli/memory.py).
+const peakOf = (d) => {
+  const seen = [d.load_peak, d.serve_peak].filter((v) => v !== null && v !== undefined);
+  return seen.length ? Math.max(...seen) : null;
+};
+const mibOr = (v) => (v === null || v === undefined ? "–" : fmtMiB(v));
+
+function memoryTitle(key, d) {
+  const parts = [`${key}: declared ${d.declared === "auto" ? "auto" : d.declared + " MiB"}`];
+  parts.push(`measured: load peak ${mibOr(d.load_peak)}, serve peak ${mibOr(d.serve_peak)}`
+    + ` over ${d.runs || 0} run(s)`);
+  if (d.now !== null && d.now !== undefined) parts.push(`now ${fmtMiB(d.now)}`);
+  parts.push(d.planned === null || d.planned === undefined
+    ? "planned: nothing to go by (write a number)"
+    : `planned ${fmtMiB(d.planned)} (${d.source})`);
+  if (d.booked !== null && d.booked !== undefined) parts.push(`booked this run ${fmtMiB(d.booked)}`);
+  if (d.estimate !== null && d.estimate !== undefined) parts.push(`GGUF estimate ${fmtMiB(d.estimate)}`);
+  return parts.join("\n");
+}
+
+function memoryCell(mem) {
+  const td = el("td", { class: "col-opt memory" });
+  if (!mem || !mem.scheme) { td.textContent = "–"; return td; }
+  for (const [key, d] of Object.entries(mem.devices || {})) {
+    const declared = d.declared === "auto" ? "auto" : fmtMiB(d.declared);
+    const planned = d.planned === null || d.planned === undefined
+      ? "unplanned" : `${fmtMiB(d.planned)} (${d.source})`;
+    td.append(el("div", { class: "mem", "data-device": key, title: memoryTitle(key, d) },
+      el("span", { class: "key", text: key }), " ",
+      el("span", { class: "declared", text: declared }), " / ",
+      el("span", { class: "peak", text: mibOr(peakOf(d)) }), " / ",
+      el("span", { class: "planned" + (d.source === "none" ? " none" : ""), text: planned })));
+  }
+  if (mem.host) {
+    const h = mem.host;
+    td.append(el("div", { class: "mem", "data-device": "system",
+      title: `system memory (not in the scheme's devices): load peak ${mibOr(h.load_peak)}, `
+        + `serve peak ${mibOr(h.serve_peak)} over ${h.runs || 0} run(s)` },
+      el("span", { class: "key", text: "system" }), " ",
+      el("span", { class: "peak", text: mibOr(peakOf(h)) })));
+  }
+  if (mem.estimate_error) {
+    td.append(el("div", { class: "mem-note", text: "no estimate: " + mem.estimate_error }));
+  }
+  for (const w of mem.warnings || []) td.append(el("div", { class: "mem-warn", text: "⚠ " + w }));
+  if (!td.childNodes.length) td.textContent = "–";
+  return td;
 }
 
 async function modelAction(name, action) {
