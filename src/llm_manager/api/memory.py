@@ -23,7 +23,7 @@ def memory_info(
     spec = runtime.spec.schemes.get(scheme or "")
     if scheme is None or spec is None:
         return {"scheme": None, "devices": {}, "host": None, "warnings": [], "estimate_error": None}
-    sized = supervisor.sizer.size(runtime.name, scheme, spec)
+    sized = supervisor.sizer.size(runtime.name, scheme, spec, read=False)  # never blocks
     booked = supervisor.booked(runtime.name) if runtime.scheme == scheme else {}
     placed = supervisor.placed_on(runtime.name) if runtime.scheme == scheme else {}
     current = supervisor.footprints.current(runtime.name)

@@ -8,6 +8,7 @@ plus the margin; else the scheme cannot be planned and says which number to writ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class Sizer:
     """Plans schemes' memory from the config, the footprint book and the estimator.
 
     Estimates are cached per scheme definition: a GGUF header is read once, not at every
-    placement."""
+    placement. Reading one takes up to a few tenths of a second (a large vocabulary), so the
+    server reads them in a thread (``prepare``) and sizes with ``read=False``."""
 
     def __init__(
         self, book: FootprintBook, settings: SizingSettings, estimator: Estimator | None
@@ -87,10 +89,17 @@ class Sizer:
         self._estimator = estimator
         self._estimates: dict[tuple[str, str, str], tuple[dict[str, int] | None, str | None]] = {}
 
-    def size(self, model: str, scheme_name: str, scheme: SchemeConfig) -> SchemeNeeds:
+    def size(
+        self, model: str, scheme_name: str, scheme: SchemeConfig, *, read: bool = True
+    ) -> SchemeNeeds:
+        """How the scheme would be planned now. ``read=False``: an estimate not read yet
+        counts as none (never blocks on a file)."""
         definition = definition_of(scheme)
         measured = self.book.measured(model, scheme_name, definition)
-        estimate, error = self._estimate(model, scheme_name, scheme, definition)
+        cached = self._estimates.get((model, scheme_name, definition))
+        if cached is None and read:
+            cached = self._estimate(model, scheme_name, scheme, definition)
+        estimate, error = cached or (None, None)
         devices = {
             key: self._need(key, declared, measured.get(key), (estimate or {}).get(key))
             for key, declared in scheme.devices.items()
@@ -121,22 +130,28 @@ class Sizer:
             )
         return DeviceNeed(key, declared, None, "none", fp, estimate)
 
+    async def prepare(self, model: str, name: str, scheme: SchemeConfig) -> None:
+        """Read the scheme's estimate, in a thread, unless it has been read already."""
+        definition = definition_of(scheme)
+        if (model, name, definition) not in self._estimates:
+            await asyncio.to_thread(self._estimate, model, name, scheme, definition)
+
     def _estimate(
         self, model: str, name: str, scheme: SchemeConfig, definition: str
     ) -> tuple[dict[str, int] | None, str | None]:
         if self._estimator is None:
             return None, None
-        cache_key = (model, name, definition)
-        cached = self._estimates.get(cache_key)
-        if cached is None:
-            try:
-                cached = (self._estimator(model, name, scheme), None)
-            except (ValueError, OSError) as exc:
-                level = logging.WARNING if needs_auto(scheme) else logging.DEBUG
-                log.log(level, "model %s, scheme %s: no memory estimate: %s", model, name, exc)
-                cached = (None, str(exc))
-            self._estimates[cache_key] = cached
-        return cached
+        try:
+            result: tuple[dict[str, int] | None, str | None] = (
+                self._estimator(model, name, scheme),
+                None,
+            )
+        except (ValueError, OSError) as exc:
+            level = logging.WARNING if needs_auto(scheme) else logging.DEBUG
+            log.log(level, "model %s, scheme %s: no memory estimate: %s", model, name, exc)
+            result = (None, str(exc))
+        self._estimates[(model, name, definition)] = result  # one assignment: thread-safe
+        return result
 
 
 def with_margin(mib: int, margin: Amount) -> int:

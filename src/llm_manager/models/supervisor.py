@@ -162,6 +162,7 @@ class Supervisor:
             if name not in loaded.config.models:
                 report["removed"].append(name)
                 self._spawn(self._retire(runtime), f"retire {name}")
+        self._spawn(self._read_estimates(self.runtimes), "memory estimates")
         return report
 
     async def _retire(self, runtime: ModelRuntime) -> None:
@@ -190,6 +191,7 @@ class Supervisor:
         self._spawn(self._warn_unknown_devices(), "device check")
         self._spawn(self._idle_loop(), "idle unload")
         self._spawn(self._measure_loop(), "memory measurement")
+        self._spawn(self._read_estimates(self.runtimes), "memory estimates")
         self._spawn(self._autostart(), "auto-start")
 
     async def shutdown(self) -> None:
@@ -238,6 +240,7 @@ class Supervisor:
         """Book room for a model, evicting others if needed, and waiting while the models
         that must make room are busy (up to the model's queue_timeout); see design.md
         beside this file."""
+        await self._read_estimates([runtime])
         schemes, problems = self._plannable(runtime)
         if not schemes:
             raise DeviceUnavailable("the model's memory is not known", "; ".join(problems))
@@ -480,17 +483,28 @@ class Supervisor:
         fit = self._fits.get(name)
         return dict(fit.assignment) if fit is not None else {}
 
-    def sizes(self, runtime: ModelRuntime) -> dict[str, SchemeNeeds]:
-        """How each of the model's schemes would be planned now (sizing.py)."""
-        return {n: self.sizer.size(runtime.name, n, s) for n, s in runtime.spec.schemes.items()}
+    def sizes(self, runtime: ModelRuntime, read: bool = False) -> dict[str, SchemeNeeds]:
+        """How each of the model's schemes would be planned now (sizing.py); estimates not
+        read yet count as none unless ``read``."""
+        return {
+            n: self.sizer.size(runtime.name, n, s, read=read)
+            for n, s in runtime.spec.schemes.items()
+        }
+
+    async def _read_estimates(self, runtimes: list[ModelRuntime]) -> None:
+        """Read every scheme's GGUF estimate ahead, in a thread, so that info and the
+        first start have it without blocking the event loop."""
+        for runtime in runtimes:
+            for name, scheme in runtime.spec.schemes.items():
+                await self.sizer.prepare(runtime.name, name, scheme)
 
     def _plannable(
-        self, runtime: ModelRuntime
+        self, runtime: ModelRuntime, read: bool = False
     ) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
         """(scheme name, MiB per device key) of the schemes whose memory is known, and why
         the others cannot be planned."""
         schemes, problems = [], []
-        for name, sized in self.sizes(runtime).items():
+        for name, sized in self.sizes(runtime, read).items():
             needs = sized.needs
             if needs is None:
                 problems.append(sized.problem() or name)
