@@ -33,6 +33,7 @@ def measured_book(s: SchemeConfig, peaks: dict[str, tuple[int, int]]) -> Footpri
     book = FootprintBook(None)
     book.begin("m", "s", definition_of(s), {k: k for k in peaks}, s.devices)
     book.record("m", {k: load for k, (load, _) in peaks.items()}, serving=False)
+    book.ready("m")
     book.record("m", {k: serve for k, (_, serve) in peaks.items()}, serving=True)
     book.end("m")
     return book
@@ -48,6 +49,7 @@ def test_book_keeps_load_and_serve_peaks_per_scheme_key() -> None:
     book.begin("m", "s", definition_of(s), {"cuda:0": "cuda:1", "cpu": "cpu"}, s.devices)
     book.record("m", {"cuda:1": 3000, "cpu": 90}, serving=False)
     book.record("m", {"cuda:1": 3500, "cpu": 80}, serving=False)
+    book.ready("m")
     warnings = book.record("m", {"cuda:1": 4200, "cpu": 95}, serving=True)
     assert warnings == ["measured 4200 MiB on cuda:0, above the 4000 MiB its scheme 's' declares"]
     assert book.record("m", {"cuda:1": 4300}, serving=True) == []  # warned once per run
@@ -74,7 +76,7 @@ def test_a_changed_definition_starts_afresh() -> None:
     book.begin("m", "s", definition_of(new), {"cpu": "cpu"}, new.devices)
     book.record("m", {"cpu": 900}, serving=False)
     [fp] = book.measured("m", "s", definition_of(new)).values()
-    assert (fp.load_peak, fp.serve_peak, fp.runs) == (900, None, 1)
+    assert (fp.load_peak, fp.serve_peak, fp.runs) == (900, None, 0)  # not ready: no run
 
 
 def test_book_survives_a_restart_through_the_store(tmp_path: Path) -> None:
@@ -85,6 +87,7 @@ def test_book_survives_a_restart_through_the_store(tmp_path: Path) -> None:
     book.begin("m", "s", definition_of(s), {"cpu": "cpu"}, s.devices)
     book.record("m", {"cpu": 250}, serving=False)
     book.record("m", {"cpu": 260}, serving=False)  # a later, bigger reading replaces the row
+    book.ready("m")
     book.record("m", {"cpu": 300}, serving=True)
     assert db.flush()
     db.close()

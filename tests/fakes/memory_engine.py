@@ -5,13 +5,16 @@ given number of MiB, so that its resident set grows by that much, before it serv
 more at the first chat request (serving then takes more than loading did). With
 ``--oom-if-listening PORT`` it stands in for a GPU engine that finds its memory taken: if
 something accepts a connection on 127.0.0.1:PORT when it starts, it prints llama.cpp's
-out-of-memory line to stderr and exits 1; else it serves normally.
+out-of-memory line to stderr and exits 1 (or, with ``--oom-by sigkill``, is killed by
+SIGKILL without a word, as the kernel's out-of-memory killer does); else it serves normally.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import socket
 import sys
 import time
@@ -34,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hold-mib", type=int, default=0)
     p.add_argument("--grow-on-request-mib", type=int, default=0)
     p.add_argument("--oom-if-listening", type=int, default=None)
+    p.add_argument("--oom-by", choices=("print", "sigkill"), default="print")
+    p.add_argument("--spawn-log", default=None, help="append 'pid' lines here")
     return p.parse_args()
 
 
@@ -56,8 +61,13 @@ def someone_listens(port: int) -> bool:
 
 def main() -> None:
     args = parse_args()
+    if args.spawn_log:
+        with open(args.spawn_log, "a") as f:
+            f.write(f"{os.getpid()}\n")
     print(f"memory engine {args.name} starting on port {args.port}", flush=True)
     if args.oom_if_listening is not None and someone_listens(args.oom_if_listening):
+        if args.oom_by == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         print(OOM_LINE, file=sys.stderr, flush=True)
         sys.exit(1)
     hold(args.hold_mib)

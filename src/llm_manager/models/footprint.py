@@ -155,12 +155,18 @@ class FootprintBook:
         keys = {dev: key for key, dev in assignment.items()}
         keys.setdefault(HOST_KEY, HOST_KEY)  # host memory is measured for every model
         self._runs[model] = _Run(scheme, definition, keys, dict(declared))
-        for key in set(keys.values()):
-            fp = self._entry(model, scheme, definition, key)
-            self._put(replace(fp, runs=fp.runs + 1, updated_at=self._clock()))
 
     def end(self, model: str) -> None:
         self._runs.pop(model, None)
+
+    def ready(self, model: str) -> None:
+        """The run became ready: it counts in ``runs`` (a start that failed does not)."""
+        run = self._runs.get(model)
+        if run is None:
+            return
+        for key in set(run.keys.values()):
+            fp = self._entry(model, run.scheme, run.definition, key)
+            self._put(replace(fp, runs=fp.runs + 1, updated_at=self._clock()))
 
     def record(self, model: str, usage: Mapping[str, int], serving: bool) -> list[str]:
         """Take a reading (by Device.key). Returns warnings new to this run: a device whose

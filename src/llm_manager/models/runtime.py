@@ -54,6 +54,9 @@ class Placer(Protocol):
 
     def release(self, name: str) -> None: ...
 
+    def ready(self, name: str) -> None:
+        """A model placed by ``place`` became ready (a run, for the measured footprints)."""
+
     async def make_room(self, runtime: ModelRuntime, fit: Fit) -> tuple[list[str], str]:
         """After an out-of-memory start: stop the models that may go now from the devices
         the model was placed on; (their names, what the devices hold now)."""
@@ -388,6 +391,7 @@ class ModelRuntime:
             self.last_start_seconds = time.monotonic() - began
             self.last_used = time.monotonic()
             self.ready_at = time.monotonic()
+            self._placer.ready(self.name)
             self._set_state(State.ROUTING)
             self.log.event(f"ready after {time.monotonic() - began:.1f} s")
         finally:

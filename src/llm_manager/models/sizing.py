@@ -87,7 +87,8 @@ class Sizer:
         self.book = book
         self.settings = settings
         self._estimator = estimator
-        self._estimates: dict[tuple[str, str, str], tuple[dict[str, int] | None, str | None]] = {}
+        # By (model, scheme, definition, device keys): the estimate is split over the keys.
+        self._estimates: dict[tuple[object, ...], tuple[dict[str, int] | None, str | None]] = {}
 
     def size(
         self, model: str, scheme_name: str, scheme: SchemeConfig, *, read: bool = True
@@ -96,7 +97,7 @@ class Sizer:
         counts as none (never blocks on a file)."""
         definition = definition_of(scheme)
         measured = self.book.measured(model, scheme_name, definition)
-        cached = self._estimates.get((model, scheme_name, definition))
+        cached = self._estimates.get(_estimate_key(model, scheme_name, scheme, definition))
         if cached is None and read:
             cached = self._estimate(model, scheme_name, scheme, definition)
         estimate, error = cached or (None, None)
@@ -133,7 +134,7 @@ class Sizer:
     async def prepare(self, model: str, name: str, scheme: SchemeConfig) -> None:
         """Read the scheme's estimate, in a thread, unless it has been read already."""
         definition = definition_of(scheme)
-        if (model, name, definition) not in self._estimates:
+        if _estimate_key(model, name, scheme, definition) not in self._estimates:
             await asyncio.to_thread(self._estimate, model, name, scheme, definition)
 
     def _estimate(
@@ -150,8 +151,15 @@ class Sizer:
             level = logging.WARNING if needs_auto(scheme) else logging.DEBUG
             log.log(level, "model %s, scheme %s: no memory estimate: %s", model, name, exc)
             result = (None, str(exc))
-        self._estimates[(model, name, definition)] = result  # one assignment: thread-safe
+        key = _estimate_key(model, name, scheme, definition)
+        self._estimates[key] = result  # one assignment: thread-safe
         return result
+
+
+def _estimate_key(
+    model: str, name: str, scheme: SchemeConfig, definition: str
+) -> tuple[object, ...]:
+    return (model, name, definition, tuple(scheme.devices))
 
 
 def with_margin(mib: int, margin: Amount) -> int:

@@ -441,9 +441,12 @@ class Supervisor:
     async def describe_memory(self, fit: Fit) -> str:
         """What the devices of a placement hold now: use, and the models booked there."""
         snap = await self.monitor.snapshot(max_age=0)
+        # Readings plus what booked models will still take (all of it on a declared
+        # device, which has no reading of its own).
+        devices = scheduler.apply_claims(snap.devices, self._claims_of(exclude=""))
         parts = []
         for key in fit.needs:
-            dev = next((d for d in snap.devices if d.key == key), None)
+            dev = next((d for d in devices if d.key == key), None)
             if dev is None:
                 parts.append(f"{key}: not present")
                 continue
@@ -462,10 +465,13 @@ class Supervisor:
                 booked.append(f"{name} {mib} MiB{extra}")
             models = f"; models booked there: {', '.join(booked)}" if booked else ""
             parts.append(
-                f"{key} ({dev.name}): {dev.memory_used} of {dev.memory_total} MiB in use, "
-                f"{dev.memory_free} MiB free{models}"
+                f"{key} ({dev.name}): {dev.memory_used} of {dev.memory_total} MiB in use or "
+                f"booked, {dev.memory_free} MiB free{models}"
             )
         return "; ".join(parts)
+
+    def ready(self, name: str) -> None:
+        self.footprints.ready(name)
 
     def release(self, name: str) -> None:
         self._fits.pop(name, None)
