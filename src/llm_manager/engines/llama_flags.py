@@ -108,7 +108,8 @@ def _split_eq(token: str) -> tuple[str, str | None]:
     return token, None
 
 
-def _gpu_layers(value: str) -> int:
+def gpu_layers(value: str) -> int:
+    """``-ngl``'s value: a number, ``auto`` (-1) or ``all`` (999). ValueError otherwise."""
     v = value.strip().lower()
     if v == "auto":
         return -1
@@ -122,7 +123,7 @@ def _convert(name: str, value: str) -> Any:
         if name in _INT_FIELDS:
             return int(value)
         if name == "gpu_layers":
-            return _gpu_layers(value)
+            return gpu_layers(value)
         if name == "tensor_split":
             parts = value.replace("/", ",").split(",")
             return tuple(float(p) for p in parts if p.strip())

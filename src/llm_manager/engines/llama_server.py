@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llm_manager.engines.llama_flags import gpu_layers
+
 PROG = "llm-manager llama-server"
 INSTALL_HINT = "pip install 'llm-manager[llama]'"
 POOLING_CHOICES = ("none", "mean", "cls", "last", "rank")
@@ -49,13 +51,8 @@ class EngineError(Exception):
 
 
 def _gpu_layers(value: str) -> int:
-    v = value.strip().lower()
-    if v == "auto":
-        return -1
-    if v == "all":
-        return 999
     try:
-        return int(v)
+        return gpu_layers(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid value {value!r}: expected a number, 'auto' or 'all'"

@@ -412,40 +412,47 @@ class ModelRuntime:
         """Launch the placed model. When its engine runs out of memory while starting, stop
         what the placer can to make room and try once more. Returns when the try that
         succeeded began."""
-        mark = self.log.last_seq
-        try:
-            await self._launch(fit, gpu_indices, began)
+        failed = await self._try_launch(fit, gpu_indices, began)
+        if failed is None:
             return began
-        except StartFailed as exc:
-            oom = await self._out_of_memory(mark)
-            if oom is None:
-                raise
-            self.log.event(f"out of memory while starting ({oom})")
-            self._set_state(State.STARTING)
-            evicted, held = await self._placer.make_room(self, fit)
-            if not evicted:
-                raise StartFailed(
-                    f"model {self.name!r} ran out of memory while starting ({oom}) and no "
-                    f"other model could be stopped to make room: {held}",
-                    exc.detail,
-                ) from None
+        oom, exc = failed
+        self.log.event(f"out of memory while starting ({oom})")
+        self._set_state(State.STARTING)
+        evicted, held = await self._placer.make_room(self, fit)
+        if not evicted:
+            raise StartFailed(
+                f"model {self.name!r} ran out of memory while starting ({oom}) and no "
+                f"other model could be stopped to make room: {held}",
+                exc.detail,
+            )
         self.log.event(f"stopped {', '.join(evicted)} to make room; starting once more")
         began = time.monotonic()
         fit, gpu_indices = await self._placer.place(self)
+        failed = await self._try_launch(fit, gpu_indices, began)
+        if failed is None:
+            return began
+        oom, exc = failed
+        held = await self._placer.describe_memory(fit)
+        raise StartFailed(
+            f"model {self.name!r} ran out of memory while starting, again after "
+            f"{', '.join(evicted)} stopped to make room ({oom}): {held}",
+            exc.detail,
+        )
+
+    async def _try_launch(
+        self, fit: Fit, gpu_indices: list[int], began: float
+    ) -> tuple[str, StartFailed] | None:
+        """Launch; None once ready. A start that ran out of memory is returned (the
+        evidence, the failure), its process gone; any other failure is raised."""
         mark = self.log.last_seq
         try:
             await self._launch(fit, gpu_indices, began)
-            return began
         except StartFailed as exc:
             oom = await self._out_of_memory(mark)
             if oom is None:
                 raise
-            held = await self._placer.describe_memory(fit)
-            raise StartFailed(
-                f"model {self.name!r} ran out of memory while starting, again after "
-                f"{', '.join(evicted)} stopped to make room ({oom}): {held}",
-                exc.detail,
-            ) from None
+            return oom, exc
+        return None
 
     async def _launch(self, fit: Fit, gpu_indices: list[int], began: float) -> None:
         """Start the process of a placed model and wait until it is ready (hooks included).
