@@ -202,9 +202,12 @@ async def test_auto_memory_with_nothing_to_go_by_asks_for_a_number(
 # --- placement ------------------------------------------------------------------------
 
 
-async def _mirror_gpu(mgr: RunningManager, nvml: FakeNvml, sizes: dict[str, int]) -> None:
+async def _mirror_gpu(
+    mgr: RunningManager, nvml: FakeNvml, sizes: dict[str, int], base: int = 0
+) -> None:
     """Keep the fake GPU's per-process list (and its use) in step with the running models:
-    each model's process shows the MiB given for it, as NVML would list it."""
+    each model's process shows the MiB given for it, as NVML would list it; ``base`` MiB
+    are used by programs the manager does not manage."""
     while True:
         procs = [
             (r.pid, sizes[r.name])
@@ -214,7 +217,7 @@ async def _mirror_gpu(mgr: RunningManager, nvml: FakeNvml, sizes: dict[str, int]
         gpu = nvml.gpus[0]
         if procs != gpu["procs"]:
             gpu["procs"] = procs
-            gpu["used"] = sum(mib for _, mib in procs)
+            gpu["used"] = base + sum(mib for _, mib in procs)
             mgr.app.monitor._latest = None  # noqa: SLF001 - the next look reads it afresh
         await asyncio.sleep(0.02)
 
@@ -555,3 +558,36 @@ async def test_estimate_follows_a_reload_that_changes_the_devices(
         assert report["changed"] == ["t"], report
         # Read again after the reload (in a thread): as a new manager reads it.
         await until_memory(mgr, "t", lambda m: m["devices"] == fresh, timeout=2)
+
+
+async def test_exit_while_the_gpu_reads_full_is_out_of_memory(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine that ends during its start without a word, while a GPU it was placed on
+    reads full (here: memory of a program the manager does not manage, a, and itself), is
+    taken to have run out of memory: the idle model on that GPU is stopped and the start
+    tried once more. The second try ends the same way with room to spare: not memory, so
+    that failure is reported as it is."""
+    nvml = FakeNvml([{"name": "Fake GPU", "total": 8000, "used": 5900, "procs": []}])
+    monkeypatch.setattr("llm_manager.app.CudaProvider", lambda: CudaProvider(nvml=nvml, smi=None))
+    dies = fake_command("--spawn-log", str(spawn_log), "--slow-start", "5", "--exit-after", "1.5")
+    models = {
+        "a": scheme({"cuda:0": 1000}, fake_command("--spawn-log", str(spawn_log))),
+        "b": scheme({"cuda:0": 1000}, dies),
+    }
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        mirror = asyncio.create_task(_mirror_gpu(mgr, nvml, {"a": 1000, "b": 1000}, base=5900))
+        try:
+            assert (await mgr.post("/api/models/a/start"))[0] == 200
+            status, body = await mgr.post("/api/models/b/start")
+            assert status == 503, body
+            lines = log_of(mgr, "b")
+            full = "cuda:0 (Fake GPU) read full: 100 MiB free of 8000"
+            assert f"out of memory while starting (it exited with code 3 while {full})" in lines
+            assert "stopped a to make room; starting once more" in lines, lines
+            assert state(mgr, "a") is State.STOPPED
+            assert sum(x.startswith("starting with scheme") for x in lines) == 2, lines
+            reason = (await model_info(mgr, "b"))["failure_reason"]
+            assert reason == "model 'b' exited with code 3 during start", reason
+        finally:
+            mirror.cancel()

@@ -236,3 +236,7 @@ def test_other_failures_are_not_out_of_memory() -> None:
     # SIGKILL nobody asked for: the kernel's OOM killer; other signals are not.
     assert out_of_memory([], -signal.SIGKILL) is not None
     assert out_of_memory([], -signal.SIGTERM) is None
+    # An exit while a GPU of its placement read full.
+    full = "cuda:0 (H200) read full: 100 MiB free of 143771"
+    assert out_of_memory([], 1, full) == f"it exited with code 1 while {full}"
+    assert out_of_memory([], None, full) is None  # still running (stopped by us): no

@@ -1,8 +1,8 @@
 """Telling an engine that ran out of memory while starting from one that failed otherwise.
 
 The evidence is what engines print when an allocation fails (CUDA, ROCm, Vulkan, Metal,
-PyTorch, llama.cpp, the C++ and C runtimes) and a kill by SIGKILL that nobody asked for
-(the kernel's out-of-memory killer).
+PyTorch, llama.cpp, the C++ and C runtimes), a kill by SIGKILL that nobody asked for (the
+kernel's out-of-memory killer), and an exit while a GPU it was placed on read (nearly) full.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ _SIGNATURES = re.compile(
 _MAX_EVIDENCE = 160
 
 
-def out_of_memory(lines: Sequence[LogLine], exit_code: int | None) -> str | None:
-    """The evidence that a process ran out of memory (a line it printed, or how it was
-    killed), or None. Only the engine's own lines count, not the manager's."""
+def out_of_memory(
+    lines: Sequence[LogLine], exit_code: int | None, full_device: str | None = None
+) -> str | None:
+    """The evidence that a process ran out of memory (a line it printed, how it was
+    killed, or a device of its placement seen full as it ended), or None. Only the engine's
+    own lines count, not the manager's."""
     for line in lines:
         if line.stream == "manager":
             continue
@@ -43,4 +46,6 @@ def out_of_memory(lines: Sequence[LogLine], exit_code: int | None) -> str | None
             return f"it printed: {text}"
     if exit_code == -signal.SIGKILL:
         return "it was killed by SIGKILL, as the kernel's out-of-memory killer does"
+    if full_device is not None and exit_code is not None:
+        return f"it exited with code {exit_code} while {full_device}"
     return None

@@ -61,6 +61,10 @@ class Placer(Protocol):
         """After an out-of-memory start: stop the models that may go now from the devices
         the model was placed on; (their names, what the devices hold now)."""
 
+    def full_device(self, fit: Fit) -> str | None:
+        """A GPU of the placement that the latest reading shows (nearly) full, said in
+        words; None when none is or nothing was read."""
+
     async def describe_memory(self, fit: Fit) -> str:
         """What the devices of a placement hold now, for an error message."""
 
@@ -397,16 +401,17 @@ class ModelRuntime:
         finally:
             self._start_task = None
 
-    async def _out_of_memory(self, mark: int) -> str | None:
+    async def _out_of_memory(self, mark: int, fit: Fit) -> str | None:
         """After a failed start: stop what is left of the process (its last output read),
         then tell whether it ran out of memory (the evidence), from what it printed since
-        ``mark`` and how it ended."""
+        ``mark``, how it ended, and whether a GPU it was placed on was full."""
         proc = self._proc
         if proc is None:
             return None  # it never ran: not a question of memory
         ended = proc.returncode  # by itself (not by the stop below, which may SIGKILL it)
+        full = self._placer.full_device(fit) if ended is not None else None
         await self._teardown(proc, "start failed")
-        return out_of_memory(self.log.lines_after(mark), ended)
+        return out_of_memory(self.log.lines_after(mark), ended, full)
 
     async def _launch_or_recover(self, fit: Fit, gpu_indices: list[int], began: float) -> float:
         """Launch the placed model. When its engine runs out of memory while starting, stop
@@ -448,7 +453,7 @@ class ModelRuntime:
         try:
             await self._launch(fit, gpu_indices, began)
         except StartFailed as exc:
-            oom = await self._out_of_memory(mark)
+            oom = await self._out_of_memory(mark, fit)
             if oom is None:
                 raise
             return oom, exc

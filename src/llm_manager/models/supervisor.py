@@ -43,6 +43,10 @@ _HOLDING = frozenset({State.STARTING, State.HEALTH_CHECK, State.ROUTING, State.S
 MEASURE_LOADING = 0.5
 MEASURE_SERVING = 1.0
 MEASURE_GAP = 0.05
+# A GPU with less free than this (MiB, or share of its total) reads "full": an engine that
+# ends during its start then is taken to have run out of memory.
+FULL_MIB = 256
+FULL_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,19 @@ class Supervisor:
             if all(free.get(key, 0) >= mib for key, mib in fit.needs.items()):
                 return
             await asyncio.sleep(0.25)
+
+    def full_device(self, fit: Fit) -> str | None:
+        snap = self.monitor.latest
+        if snap is None:
+            return None
+        for dev in snap.devices:
+            gpu = dev.key in fit.needs and dev.measured and dev.kind != "cpu"
+            if gpu and dev.memory_free < max(FULL_MIB, dev.memory_total * FULL_SHARE):
+                return (
+                    f"{dev.key} ({dev.name}) read full: {dev.memory_free} MiB free of "
+                    f"{dev.memory_total}"
+                )
+        return None
 
     async def describe_memory(self, fit: Fit) -> str:
         """What the devices of a placement hold now: use, and the models booked there."""
