@@ -2,7 +2,8 @@
 
 Polling and diffing on the server side: every ``interval`` seconds (and at once on
 connect) the models' info and the devices are read, and each is sent only when it
-changed since the last one this stream sent. Cheap: a dozen models, a cached device
+changed since the last one this stream sent (the models' memory readings alone, at most
+every MEMORY_EVERY seconds). Cheap: a dozen models, a cached device
 snapshot. The stream ends when the manager begins to shut down.
 """
 
@@ -23,6 +24,9 @@ from llm_manager.api.views import all_models
 from llm_manager.models.supervisor import Supervisor
 
 INTERVAL_SECONDS = 1.0
+# A change of the models' memory measurements alone (a reading, a new peak) is sent at most
+# this often: a running model's memory moves at every sample, its state does not.
+MEMORY_EVERY = 5.0
 RETRY_MS = 2000
 
 
@@ -31,12 +35,17 @@ def _event(kind: str, body: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
-def _without_idle(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The models' info less the idle time, which grows every second by itself."""
+def _steady(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The models' info less what moves by itself: the idle time (every second) and the
+    memory measurements (every sample: see MEMORY_EVERY)."""
     return {
-        name: {k: v for k, v in info.items() if k != "idle_time_sec"}
+        name: {k: v for k, v in info.items() if k not in ("idle_time_sec", "memory")}
         for name, info in models.items()
     }
+
+
+def _memory(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {name: info["memory"] for name, info in models.items()}
 
 
 def _idle_reset(previous: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> bool:
@@ -76,17 +85,22 @@ def router(supervisor: Supervisor, closing: asyncio.Event) -> APIRouter:
             yield f"retry: {RETRY_MS}\n\n".encode()
             sent_models: dict[str, dict[str, Any]] | None = None
             sent_devices: dict[str, Any] | None = None
-            last_write = time.monotonic()
+            last_write = models_sent_at = time.monotonic()
             while not closing.is_set():
                 models, devices = await read_state(supervisor)
                 current: dict[str, dict[str, Any]] = models["models"]
+                now = time.monotonic()
                 if (
                     sent_models is None
-                    or _without_idle(current) != _without_idle(sent_models)
+                    or _steady(current) != _steady(sent_models)
                     or _idle_reset(sent_models, current)
+                    or (
+                        now - models_sent_at >= MEMORY_EVERY
+                        and _memory(current) != _memory(sent_models)
+                    )
                 ):
                     sent_models = current
-                    last_write = time.monotonic()
+                    last_write = models_sent_at = now
                     yield _event("models", models)
                 if devices != sent_devices:
                     sent_devices = devices
