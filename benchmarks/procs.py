@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -171,6 +172,13 @@ def find_wrk(option: str | None) -> str | None:
     return _executable("wrk")
 
 
+def find_go(option: str | None) -> str | None:
+    """``--go PATH``, else ``go`` on PATH or in /usr/lib/go/bin; ``none`` disables."""
+    if option:
+        return None if option == "none" else _executable(option)
+    return _executable("go") or _executable("/usr/lib/go/bin/go")
+
+
 def find_litellm(option: str | None) -> str | None:
     """``--litellm PATH``, else $LITELLM_BIN, else the default path; ``none`` disables."""
     path = option or os.environ.get("LITELLM_BIN") or DEFAULT_LITELLM
@@ -261,6 +269,51 @@ def start_minimal_relay(procs: Processes, routes: Mapping[int, int]) -> subproce
     return procs.start("minimal-relay", [sys.executable, str(HERE / "minimal_relay.py"), *pairs])
 
 
+GOPROXY_SRC = HERE / "goproxy"
+GOPROXY_BIN = GOPROXY_SRC / ".bin" / "goproxy"  # git-ignored
+
+
+def build_goproxy(go: str) -> Path:
+    """``benchmarks/goproxy`` built with ``go`` into GOPROXY_BIN, again when a source file is
+    newer than the binary. Standard library only: nothing is downloaded (GOPROXY=off); the
+    build cache is the user's GOCACHE when set, else a folder under the temp dir."""
+    sources = [*GOPROXY_SRC.glob("*.go"), GOPROXY_SRC / "go.mod"]
+    newest = max(f.stat().st_mtime for f in sources)
+    if GOPROXY_BIN.exists() and GOPROXY_BIN.stat().st_mtime >= newest:
+        return GOPROXY_BIN
+    cache = Path(tempfile.gettempdir()) / f"llm-manager-bench-go-{os.getuid()}"
+    env = {
+        **os.environ,
+        "CGO_ENABLED": "0",  # no C compiler needed; Go's own resolver
+        "GOPROXY": "off",
+        "GOTOOLCHAIN": "local",
+        "GOCACHE": os.environ.get("GOCACHE") or str(cache / "cache"),
+        "GOPATH": os.environ.get("GOPATH") or str(cache / "path"),
+    }
+    GOPROXY_BIN.parent.mkdir(exist_ok=True)
+    partial = GOPROXY_BIN.with_name(f"goproxy.{os.getpid()}.tmp")  # concurrent builds
+    argv = [go, "build", "-trimpath", "-o", str(partial), "."]
+    try:
+        done = subprocess.run(
+            argv, cwd=GOPROXY_SRC, env=env, capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"go build ran past {exc.timeout:g} s") from exc
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"go build failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    partial.replace(GOPROXY_BIN)
+    return GOPROXY_BIN
+
+
+def start_goproxy(
+    procs: Processes, exe: Path, routes: Mapping[int, int]
+) -> subprocess.Popen[bytes]:
+    """The Go ReverseProxy, one process; ``routes`` maps listen port -> backend port."""
+    pairs = [f"{k}=http://127.0.0.1:{v}" for k, v in routes.items()]
+    return procs.start("go-proxy", [str(exe), *pairs])
+
+
 def start_litellm(
     procs: Processes, exe: str, workdir: Path, port: int, backends: Mapping[str, int]
 ) -> subprocess.Popen[bytes]:
@@ -329,7 +382,11 @@ def _git_commit(src: Path) -> str | None:
 
 
 def machine(
-    nginx: str | None, wrk: str | None, litellm: str | None, manager_src: Path | None = None
+    nginx: str | None,
+    wrk: str | None,
+    litellm: str | None,
+    manager_src: Path | None = None,
+    go: str | None = None,
 ) -> dict[str, object]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -347,5 +404,6 @@ def machine(
         else None,
         "wrk": " ".join((_first_line([wrk, "-v"]) or "?").split()[:2]) if wrk else None,
         "litellm": _litellm_version(litellm),
+        "go": (_first_line([go, "version"]) or "?").removeprefix("go version ") if go else None,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }

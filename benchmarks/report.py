@@ -54,8 +54,8 @@ def header(results: dict[str, Any]) -> str:
         f"load average at start {m['loadavg_at_start']}",
         f"- Python {m['python']}, llm-manager {m['llm_manager']} (git {m['git']}), "
         f"aiohttp {m['aiohttp']}, xllamacpp {m['xllamacpp'] or 'not installed'}",
-        f"- nginx: {m['nginx'] or 'not installed'}; wrk: {m['wrk'] or 'not installed'}; "
-        f"LiteLLM: {m['litellm'] or 'not found'}",
+        f"- nginx: {m['nginx'] or 'not installed'}; Go: {m.get('go') or 'not installed'}; "
+        f"wrk: {m['wrk'] or 'not installed'}; LiteLLM: {m['litellm'] or 'not found'}",
         f"- load generator: {results['load_generator']} for non-streamed runs on the fast "
         "backend; an aiohttp client, reading every answer to its end, for streams and "
         "llama.cpp",
@@ -74,23 +74,40 @@ def header(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- scenario tables
 
 
+# The targets that other targets are compared with, as the tables' columns name them.
+REFERENCES = {"direct": "direct", "nginx": "nginx", "go-proxy": "Go", "litellm": "LiteLLM"}
+
+
+def _references(results: dict[str, Any], direct: bool = True) -> list[str]:
+    """The reference targets of this run (columns only for the targets that were run)."""
+    present = set(results.get("targets", REFERENCES))
+    return [t for t in REFERENCES if t in present and (direct or t != "direct")]
+
+
+def _ratio_head(results: dict[str, Any], first: str, rest: str, direct: bool = True) -> list[str]:
+    """Column names: ``first`` before the first reference's name, ``rest`` before the others'."""
+    names = [REFERENCES[t] for t in _references(results, direct)]
+    return [(first if i == 0 else rest) + name for i, name in enumerate(names)]
+
+
 def _vs(results: dict[str, Any], key: str, target: str, figure: str) -> list[str]:
-    """``figure`` of ``target`` as a ratio to direct, nginx and LiteLLM in the same scenario."""
+    """``figure`` of ``target`` as a ratio to each reference target in the same scenario."""
     value = med(results, key, target, figure)
-    others = ("direct", "nginx", "litellm")
+    others = _references(results)
     return [fmt_ratio(ratio(value, med(results, key, other, figure))) for other in others]
 
 
 def _cpu_vs(results: dict[str, Any], key: str, target: str, figure: str) -> list[str]:
     value = med(results, key, target, figure)
-    others = ("nginx", "litellm")
+    others = _references(results, direct=False)
     return [fmt_ratio(ratio(value, med(results, key, other, figure))) for other in others]
 
 
 def json_table(results: dict[str, Any], keys: list[str], by: str = "clients") -> str:
     """One row per scenario and target; the first column is the scenarios' ``by``."""
     head = [by, "target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"]
-    head += ["req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU ÷ nginx", "CPU ÷ LiteLLM", "non-200"]
+    head += _ratio_head(results, "req/s ÷ ", "÷ ")
+    head += _ratio_head(results, "CPU ÷ ", "CPU ÷ ", direct=False) + ["non-200"]
     rows = [
         [
             clients,
@@ -122,8 +139,9 @@ def _medians(
 
 def stream_table(results: dict[str, Any], keys: list[str]) -> str:
     head = ["clients", "target", "req/s", "TTFB p50 ms", "events/answer", "CPU ms/req"]
-    head += ["CPU µs/event", "req/s ÷ direct", "÷ nginx", "÷ LiteLLM", "CPU/event ÷ nginx"]
-    head += ["CPU/event ÷ LiteLLM", "non-200 (resent)"]
+    head += ["CPU µs/event", *_ratio_head(results, "req/s ÷ ", "÷ ")]
+    head += _ratio_head(results, "CPU/event ÷ ", "CPU/event ÷ ", direct=False)
+    head += ["non-200 (resent)"]
     rows = [
         [
             clients,
@@ -158,14 +176,19 @@ def latency_table(results: dict[str, Any]) -> str:
     if scenario is None:
         return "(not run)"
     direct = med(results, "json-c1", "direct", "p50_ms")
+    go = med(results, "json-c1", "go-proxy", "p50_ms")
+    go_added = go - direct if go is not None and direct is not None else None
     rows = []
     for target, m in scenario["median"].items():
         p50 = m.get("p50_ms")
         added = p50 - direct if p50 is not None and direct is not None else None
-        rows.append(
-            [target, fmt(p50, 3), fmt(added, 3), *_vs(results, "json-c1", target, "p50_ms")]
-        )
-    head = ["target", "p50 ms", "added over direct ms", "p50 ÷ direct", "÷ nginx", "÷ LiteLLM"]
+        row = [target, fmt(p50, 3), fmt(added, 3), *_vs(results, "json-c1", target, "p50_ms")]
+        if go is not None:
+            row.append(fmt_ratio(ratio(added, go_added)) if go_added and go_added > 0 else "-")
+        rows.append(row)
+    head = ["target", "p50 ms", "added over direct ms", *_ratio_head(results, "p50 ÷ ", "÷ ")]
+    if go is not None:
+        head.append("added ÷ Go's added")
     return table(head, rows)
 
 
@@ -290,8 +313,18 @@ def _worst(values: list[float | None], pick: Callable[[list[float]], float]) -> 
     return pick(known) if known and len(known) == len(values) else None
 
 
+def _failed(results: dict[str, Any], scenario: str, target: str) -> float | None:
+    """Failed requests of every run of ``target`` in ``scenario``: non-200 answers,
+    connection errors, failed runs (requests sent again are not failures)."""
+    m = results["scenarios"].get(scenario, {}).get("median", {}).get(target)
+    if not m or "non_200" not in m:
+        return None
+    return float(m["non_200"] + m["errors"] + m.get("failed_runs", 0))
+
+
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 7's goals, each with the measured value; ``met`` is None when not measured."""
+    """Issues 7 and 19's goals, each with the measured value; ``met`` is None when not
+    measured."""
     r = results
 
     def g(scenario: str, target: str, key: str) -> float | None:
@@ -336,21 +369,75 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
          "MB", 1),
         ("RSS flat across the run: end ÷ middle", "≤ 1.05x", growth, "x", 3),
     ]  # fmt: skip
+    rows19 = _goals19(r)
     limits = {"≤": "max", "≥": "min"}
     out = []
-    for goal, limit, value, unit, digits in rows:
+    for n, (goal, limit, value, unit, digits) in enumerate(rows + rows19):
         bound = float(limit.split()[1].rstrip("x").replace(",", ""))
         kind = limits[limit[0]]
         met = None if value is None else (value <= bound if kind == "max" else value >= bound)
         shown = "not measured" if value is None else f"{fmt(value, digits)} {unit}"
-        out.append({"goal": goal, "limit": limit, "value": value, "measured": shown, "met": met})
+        issue = 7 if n < len(rows) else 19
+        out.append(
+            {"issue": issue, "goal": goal, "limit": limit, "value": value, "measured": shown,
+             "met": met}
+        )  # fmt: skip
     return out
+
+
+def _goals19(r: dict[str, Any]) -> list[tuple[str, str, float | None, str, int]]:
+    """Issue 19's goals: LLM-Manager against the Go ReverseProxy and nginx, side by side."""
+
+    def g(scenario: str, target: str, key: str) -> float | None:
+        return med(r, scenario, target, key)
+
+    def cpu_vs_go(scenario: str) -> float | None:
+        key = "gateway_cpu_ms_per_request"
+        return ratio(g(scenario, "llm-manager", key), g(scenario, "go-proxy", key))
+
+    small = "bodies-small" if "bodies-small" in r["scenarios"] else "json-c8"
+    events = [
+        ratio(
+            g(f"llama-stream-c{c}", "llm-manager", "gateway_cpu_us_per_event"),
+            g(f"llama-stream-c{c}", "nginx", "gateway_cpu_us_per_event"),
+        )
+        for c in (1, 16)
+    ]
+
+    def throughput_vs_nginx(scenario: str) -> float | None:
+        """(LLM-Manager's req/s ÷ direct's) ÷ (nginx's ÷ direct's): direct cancels out."""
+        return ratio(g(scenario, "llm-manager", "rps"), g(scenario, "nginx", "rps"))
+
+    failed = [_failed(r, k, "llm-manager") for k in ("llama-json-c8", "llama-stream-c16")]
+    p50 = {t: g("json-c1", t, "p50_ms") for t in ("llm-manager", "go-proxy")}
+    return [
+        (f"CPU per non-streamed request, 8 clients, small body ({small}): ÷ Go's", "≤ 1.0x",
+         cpu_vs_go(small), "x", 2),
+        ("CPU per non-streamed request, 8 clients, 64 KiB body: ÷ Go's", "≤ 1.0x",
+         cpu_vs_go("bodies-64KiB"), "x", 2),
+        ("CPU per non-streamed request, 8 clients, 1 MiB body: ÷ Go's", "≤ 1.0x",
+         cpu_vs_go("bodies-1MiB"), "x", 2),
+        ("CPU per llama.cpp token event ÷ nginx's (worst of 1 and 16 clients)", "≤ 1.5x",
+         _worst(events, max), "x", 2),
+        ("llama.cpp non-streamed, 8 clients: throughput ratio to direct ÷ nginx's", "≥ 0.95x",
+         throughput_vs_nginx("llama-json-c8"), "x", 2),
+        ("llama.cpp streamed, 16 clients: throughput ratio to direct ÷ nginx's", "≥ 0.95x",
+         throughput_vs_nginx("llama-stream-c16"), "x", 2),
+        ("failed requests through LLM-Manager on llama.cpp (non-streamed 8, streamed 16 "
+         "clients)", "≤ 0", _worst(failed, sum), "", 0),
+        ("p50 latency at 1 client (so: added p50) minus the Go proxy's, non-streamed", "≤ 0 ms",
+         p50["llm-manager"] - p50["go-proxy"]
+         if p50["llm-manager"] is not None and p50["go-proxy"] is not None else None, "ms", 3),
+    ]  # fmt: skip
 
 
 def goals_table(results: dict[str, Any]) -> str:
     verdict = {True: "met", False: "**not met**", None: "not measured"}
-    rows = [[g["goal"], g["limit"], g["measured"], verdict[g["met"]]] for g in results["goals"]]
-    return table(["goal (issue 7)", "target", "measured", "result"], rows)
+    rows = [
+        [str(g.get("issue", 7)), g["goal"], g["limit"], g["measured"], verdict[g["met"]]]
+        for g in results["goals"]
+    ]
+    return table(["issue", "goal", "target", "measured", "result"], rows)
 
 
 # --------------------------------------------------------------------------- all of it
@@ -360,7 +447,9 @@ ABOUT = {
     "json": "Each run: the load generator's connections send the same small chat request "
     "back to back; the fixed answer carries usage. Gateway CPU is utime + stime of the "
     "gateway's process per completed request (LLM-Manager: its own PID, not its model "
-    "servers; LiteLLM: its process tree). Ratios compare medians of the same run.",
+    "servers; LiteLLM: its process tree). `go-proxy` is `net/http/httputil.ReverseProxy` "
+    "(benchmarks/goproxy, as llama-swap relays: every write flushed, a keep-alive pool of 256 "
+    "per backend). Ratios compare medians of the same run.",
     "sse": "Each answer: 200 chat-completion chunks, a usage event and `[DONE]`, written at "
     "once by the backend. CPU µs/event: the gateway's CPU per answer ÷ the SSE events the "
     "client received (a gateway that re-chunks the stream shows fewer events per answer).",
@@ -377,7 +466,8 @@ ABOUT = {
     "aliases": "LLM-Manager is configured with 10 models of 100 aliases each (1,000 aliases) "
     "throughout the whole run. The same request names the model in four ways.",
     "rss": "VmRSS and VmHWM (peak) of LLM-Manager's process, from /proc/<pid>/status.",
-    "bodies": "Non-streamed chat completions from 8 connections whose body is a chat history "
+    "bodies": "Non-streamed chat completions from 8 connections whose body is json-c8's small "
+    "request, or a chat history "
     "(a system prompt, then user and assistant turns of prose, some with code blocks and "
     "non-ASCII words; `model` last, as OpenAI's Python SDK writes it) of exactly 64 KiB or "
     "1 MiB, to the fixed-JSON backend. `llm-manager` is called by the model's name (the body "
@@ -428,7 +518,7 @@ def markdown(results: dict[str, Any]) -> str:
             alias_table(results),
         ),
         section(
-            "Large request bodies: 64 KiB and 1 MiB chat histories, 8 clients",
+            "Request bodies: the small request, 64 KiB and 1 MiB chat histories, 8 clients",
             ABOUT["bodies"],
             json_table(
                 results, [k for k in results["scenarios"] if k.startswith("bodies-")], "body"
@@ -438,6 +528,6 @@ def markdown(results: dict[str, Any]) -> str:
         section(
             "Malformed requests under load (LLM-Manager)", ABOUT["bad"], bad_input_tables(results)
         ),
-        section("Goals (issue 7)", None, goals_table(results)),
+        section("Goals (issues 7 and 19)", None, goals_table(results)),
     ]
     return "\n\n".join(sections) + "\n"

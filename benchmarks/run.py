@@ -1,5 +1,6 @@
-"""Reproducible gateway benchmark: LLM-Manager against direct access, nginx, a minimal
-Python relay and LiteLLM, on loopback, on fast fake backends and a real llama.cpp server.
+"""Reproducible gateway benchmark: LLM-Manager against direct access, nginx, a Go
+reverse proxy, a minimal Python relay and LiteLLM, on loopback, on fast fake backends and a
+real llama.cpp server.
 
     .venv/bin/python benchmarks/run.py                 # full run (5 rounds, several minutes)
     .venv/bin/python benchmarks/run.py --quick         # seconds-long smoke run
@@ -8,19 +9,22 @@ Python relay and LiteLLM, on loopback, on fast fake backends and a real llama.cp
 
 Every target is started here on free loopback ports and stopped at the end (also on an error
 or Ctrl-C). Absent tools are skipped with a note: nginx (the fast backends then run on
-aiohttp.web, and there is no nginx proxy), wrk (the aiohttp load generator is used instead),
-LiteLLM (``--litellm PATH``, $LITELLM_BIN or /work/bench-venvs/litellm/bin/litellm), and the
-bundled llama.cpp engine (the ``llama`` extra) with the ``gguf`` package for the test model.
+aiohttp.web, and there is no nginx proxy), Go (``go`` builds benchmarks/goproxy, the
+``go-proxy`` target), wrk (the aiohttp load generator is used instead), LiteLLM (``--litellm
+PATH``, $LITELLM_BIN or /work/bench-venvs/litellm/bin/litellm), and the bundled llama.cpp
+engine (the ``llama`` extra) with the ``gguf`` package for the test model.
 
-``--only bodies`` sends chat histories of 64 KiB and 1 MiB (1 MiB only with --quick).
+``--only bodies`` sends the small chat request and chat histories of 64 KiB and 1 MiB (runs
+of half the length with --quick).
 ``--manager-src OLD/src`` serves LLM-Manager from another checkout (PYTHONPATH), to compare
 an older commit's gateway with the same harness, backends and load.
 
 Each scenario runs every target once per round, in turn (A B A B ...), and reports medians.
 The gateway's CPU time is read from /proc/<pid>/stat (utime + stime) before and after each
 run: LLM-Manager's own PID only (its children are the model servers), nginx's single process,
-the minimal relay's process, LiteLLM's whole process tree. LLM-Manager runs with its normal
-configuration (usage scanning, SQLite records, metrics), with 10 models and 1,000 aliases.
+the Go proxy's process, the minimal relay's process, LiteLLM's whole process tree.
+LLM-Manager runs with its normal configuration (usage scanning, SQLite records, metrics),
+with 10 models and 1,000 aliases.
 The markdown printed at the end is meant to be pasted into docs/performance.md.
 """
 
@@ -51,8 +55,10 @@ ALIASES_PER_MODEL = 100
 SPARE_MODELS = 6  # configured, never started: 10 models in all
 LLAMA_FLAGS = ["-t", "1", "-c", "4096", "-np", "16"]
 GROUPS = ("json", "sse", "llama", "aliases", "bad-input", "cold-start", "bodies")
-BODY_SIZES = {"64 KiB": 64 << 10, "1 MiB": 1 << 20}  # the bodies group's request bodies
+# The bodies group's request bodies: "small" is json-c8's request; the others chat histories.
+BODY_SIZES = {"small": 0, "64 KiB": 64 << 10, "1 MiB": 1 << 20}
 BODY_ALIAS = "fast-a000"  # LLM-Manager's second variant: the model named by an alias
+PROXIES = ("nginx", "go-proxy", "minimal-relay")  # the reference relays, in table order
 
 
 @dataclass
@@ -128,6 +134,7 @@ class Bench:
         self.procs = processes
         self.began = time.monotonic()
         self.nginx = procs.find_nginx(args.nginx)
+        self.go = procs.find_go(args.go)
         self.wrk = procs.find_wrk(args.wrk)
         self.litellm_exe = procs.find_litellm(args.litellm)
         self.groups = [g for g in (args.only.split(",") if args.only else GROUPS) if g]
@@ -194,6 +201,8 @@ class Bench:
 
     async def start(self) -> None:
         self.prepare_llama()
+        # go build (seconds, a minute on a cold build cache) while the others start
+        goproxy = asyncio.create_task(self.build_goproxy())
         backends = ["fast", "sse"] + (["llama"] if self.gguf else [])
         litellm = None
         if self.litellm_exe is None:
@@ -212,7 +221,7 @@ class Bench:
         )
         self.manager_pid = manager.pid
         await asyncio.gather(*(self.start_model(m) for m in [*backends, "tail"]))
-        self.start_proxies(backends)
+        self.start_proxies(backends, await goproxy)
         await self.wait_proxies()
         if litellm is not None:
             await self.wait_litellm(*litellm, backends)
@@ -240,7 +249,21 @@ class Bench:
             raise RuntimeError(f"model {name} runs on port {info['port']}, not {self.ports[name]}")
         self.backend_pids[name] = info["pid"]
 
-    def start_proxies(self, backends: list[str]) -> None:
+    async def build_goproxy(self) -> Path | None:
+        if self.go is None:
+            self.note("go not found (or --go none): no Go reverse proxy target")
+            return None
+        try:
+            return await asyncio.to_thread(procs.build_goproxy, self.go)
+        except RuntimeError as exc:
+            self.note(f"the Go reverse proxy did not build, target skipped: {exc}")
+            return None
+
+    def start_proxies(self, backends: list[str], goproxy: Path | None) -> None:
+        if goproxy is not None:
+            routes = {procs.free_port(): self.ports[b] for b in backends}
+            proc = procs.start_goproxy(self.procs, goproxy, routes)
+            self.gateways["go-proxy"] = proc, dict(zip(backends, routes, strict=True))
         if self.nginx is None:
             self.note(
                 "nginx not found (or --nginx none): no nginx target; fast backends on aiohttp.web"
@@ -268,8 +291,8 @@ class Bench:
         return self.procs.log_path(name)
 
     async def wait_proxies(self) -> None:
-        """Until nginx and the minimal relay answer on every port (any status)."""
-        for name in ("nginx", "minimal-relay"):
+        """Until nginx, the Go proxy and the minimal relay answer on every port (any status)."""
+        for name in PROXIES:
             proc, ports = self.gateways.get(name, (None, {}))
             for port in ports.values():
                 await self.wait_port(f"http://127.0.0.1:{port}/v1/chat/completions", proc, name)
@@ -298,7 +321,7 @@ class Bench:
 
     def targets(self, backend: str) -> list[Target]:
         out = [Target("direct", f"http://127.0.0.1:{self.ports[backend]}", None)]
-        for name in ("nginx", "minimal-relay"):
+        for name in PROXIES:
             if name in self.gateways:
                 proc, ports = self.gateways[name]
                 out.append(Target(name, f"http://127.0.0.1:{ports[backend]}", proc.pid))
@@ -502,31 +525,36 @@ class Bench:
         }
 
     async def run_bodies(self) -> None:
-        """Non-streamed chat histories of 64 KiB and 1 MiB at 8 clients; LLM-Manager twice:
-        the model named by its name, and by an alias (the body is renamed on its way). Runs
-        after the RSS point "end": megabyte bodies in flight are not the peak-RSS goal's."""
+        """Non-streamed at 8 clients: the small chat request (json-c8's), chat histories of 64
+        KiB and 1 MiB; LLM-Manager twice: the model named by its name, and by an alias (the
+        body is renamed on its way). Runs after the RSS point "end": megabyte bodies in
+        flight are not the peak-RSS goal's. --quick: runs of half the length."""
         targets = []
         for t in self.targets("fast"):
             targets.append(t)
             if t.name == "llm-manager":
                 targets.append(Target("llm-manager (alias)", t.base, t.pid))
-        sizes = list(BODY_SIZES.items())
-        for label, size in sizes[-1:] if self.args.quick else sizes:  # --quick: 1 MiB only
+        seconds = self.s.seconds / 2 if self.args.quick else self.s.seconds
+        for label, size in BODY_SIZES.items():
 
             def make(t: Target, size: int = size) -> Callable[[float], Awaitable[loadgen.Load]]:
                 model = BODY_ALIAS if t.name == "llm-manager (alias)" else "fast"
+                if size == 0:
+                    return self.json_load(t, model, 8)
                 return self.post_load(loadgen.history_request(t.base, model, t.headers, size), 8)
 
             await self.scenario(
                 "bodies-" + label.replace(" ", ""),
                 "fast",
                 8,
-                self.s.seconds,
+                seconds,
                 make,
-                f"non-streamed chat history of {label} ({size:,} B), fast backend, 8 clients",
+                f"non-streamed chat history of {label} ({size:,} B), fast backend, 8 clients"
+                if size
+                else "non-streamed small chat request (json-c8's), fast backend, 8 clients",
                 targets,
                 body=label,
-                body_bytes=size,
+                body_bytes=size or len(loadgen.chat_request("", "fast", {}).body),
             )
 
     async def run_bad_input(self) -> None:
@@ -661,7 +689,9 @@ class Bench:
     # --- the whole run -------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        machine = procs.machine(self.nginx, self.wrk, self.litellm_exe, self.args.manager_src)
+        machine = procs.machine(
+            self.nginx, self.wrk, self.litellm_exe, self.args.manager_src, self.go
+        )
         await self.start()
         if self.wrk is None:
             self.note("wrk not found (or --wrk none): non-streamed load from the aiohttp client")
@@ -685,7 +715,7 @@ class Bench:
         self.rss("end")
         if "bodies" in chosen:
             await steps["bodies"]()
-            self.rss("after the 64 KiB and 1 MiB bodies")
+            self.rss("after the small, 64 KiB and 1 MiB bodies")
         self.results.update(
             machine=machine,
             settings={**self.s.__dict__, "quick": self.args.quick, "groups": chosen},
@@ -709,6 +739,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--litellm", help="LiteLLM's `litellm` executable, or 'none'")
     p.add_argument("--nginx", help="the nginx executable, or 'none' (default: found on PATH)")
     p.add_argument("--wrk", help="the wrk executable, or 'none' (default: found on PATH)")
+    p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
     p.add_argument("--only", help=f"comma-separated scenario groups: {','.join(GROUPS)}")
     p.add_argument("--targets", help="comma-separated targets (direct is always run)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")

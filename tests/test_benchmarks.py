@@ -1,9 +1,10 @@
 """Smoke test of the benchmark harness: ``benchmarks/run.py --quick`` in a subprocess, checked
 through the JSON it writes.
 
-LiteLLM is left out (``--litellm none``): it alone takes 15-20 s to start. nginx and wrk are
-used when installed; a second, shorter run forces the fallbacks (aiohttp.web backends, the
-aiohttp load generator) so that they are covered on every machine.
+LiteLLM is left out (``--litellm none``): it alone takes 15-20 s to start. nginx, wrk and Go
+(the ``go-proxy`` target, benchmarks/goproxy, built by the harness) are used when installed; a
+second, shorter run forces the fallbacks (aiohttp.web backends, the aiohttp load generator, no
+Go proxy) so that they are covered on every machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "benchmarks" / "run.py"
 LLAMA = all(importlib.util.find_spec(m) is not None for m in ("xllamacpp", "gguf"))
-GOALS = 11
+GO = shutil.which("go") or shutil.which("/usr/lib/go/bin/go")  # as benchmarks/procs.py finds it
+GOALS = 19  # issue 7's 11, issue 19's 8
+BODIES = {"bodies-small", "bodies-64KiB", "bodies-1MiB"}
 
 
 def run_harness(out: Path, *options: str, timeout: float) -> dict[str, Any]:
@@ -49,7 +53,8 @@ def run_harness(out: Path, *options: str, timeout: float) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run_harness(tmp_path_factory.mktemp("bench") / "quick.json", timeout=90)
+    # 150 s: a first `go build` of the Go proxy, on an empty build cache, takes 15-60 s
+    return run_harness(tmp_path_factory.mktemp("bench") / "quick.json", timeout=150)
 
 
 def all_runs(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -115,9 +120,9 @@ def check_no_leftovers(results: dict[str, Any]) -> None:
 
 
 def test_quick_run_measures_every_present_target(quick: dict[str, Any]) -> None:
-    """Every group's scenarios; the bodies group (1 MiB only in --quick) also through
+    """Every group's scenarios; the bodies group (small, 64 KiB, 1 MiB) also through
     LLM-Manager by an alias, whose every answer is a 200 (check_manager_answers)."""
-    expected = {"json-c1", "json-c8", "json-c64", "sse-c1", "sse-c16", "bodies-1MiB"}
+    expected = {"json-c1", "json-c8", "json-c64", "sse-c1", "sse-c16", *BODIES}
     if LLAMA:
         expected |= {"llama-stream-c1", "llama-stream-c16", "llama-json-c8"}
     assert {"direct", "minimal-relay", "llm-manager"} <= set(quick["targets"])
@@ -126,6 +131,27 @@ def test_quick_run_measures_every_present_target(quick: dict[str, Any]) -> None:
     for scenario in ("json-c8", "sse-c16"):
         direct = quick["scenarios"][scenario]["median"]["direct"]
         assert "gateway_cpu_ms_per_request" not in direct  # no gateway: no gateway CPU
+
+
+def test_go_reverse_proxy_is_a_target_everywhere_nginx_is(quick: dict[str, Any]) -> None:
+    """The Go ReverseProxy (benchmarks/goproxy) is built and measured in every scenario,
+    its own process's CPU counted, and issue 19's goals against it are measured."""
+    if GO is None:
+        assert "go-proxy" not in quick["targets"]
+        assert any(n.startswith("go not found") for n in quick["notes"])
+        pytest.skip("go is not installed (Debian: apt-get install golang-go): no Go proxy target")
+    assert "go-proxy" in quick["targets"], quick["notes"]
+    assert quick["machine"]["go"].startswith("go")
+    for key, scenario in quick["scenarios"].items():
+        m = scenario["median"]["go-proxy"]
+        assert m["failed_runs"] == 0 and m["gateway_cpu_ms_per_request"] > 0, key
+        if not key.startswith("llama"):  # llama.cpp closes connections: the proxy answers 502
+            assert m["non_200"] == 0 and m["errors"] == 0, (key, m["statuses"])
+    against_go = [g for g in quick["goals"] if g["issue"] == 19 and "Go" in g["goal"]]
+    assert len(against_go) == 4
+    assert all(isinstance(g["value"], float) for g in against_go), against_go
+    markdown = quick["_markdown"]
+    assert "| go-proxy |" in markdown and "CPU ÷ Go" in markdown
 
 
 def test_llm_manager_answers_200_and_malformed_requests_get_4xx(quick: dict[str, Any]) -> None:
@@ -167,6 +193,9 @@ def test_goals_are_measured_not_assumed(quick: dict[str, Any]) -> None:
     assert any("8 clients" in g for g in measured)
     if "nginx" not in quick["targets"]:
         assert all(g["value"] is None for g in goals if "nginx" in g["goal"])
+    if "go-proxy" not in quick["targets"]:
+        assert all(g["value"] is None for g in goals if "Go" in g["goal"])
+    assert [g["issue"] for g in goals] == [7] * 11 + [19] * 8
     markdown = quick["_markdown"]
     assert "## Results" in markdown and "### Goals" in markdown
     assert "| llm-manager |" in markdown
@@ -179,11 +208,12 @@ def test_no_process_or_folder_left_behind(quick: dict[str, Any]) -> None:
 def test_fallbacks_without_nginx_and_wrk(tmp_path: Path) -> None:
     results = run_harness(
         tmp_path / "fallback.json",
-        *("--only", "json,bad-input", "--nginx", "none", "--wrk", "none"),
+        *("--only", "json,bad-input", "--nginx", "none", "--wrk", "none", "--go", "none"),
         timeout=60,
     )
     assert results["load_generator"] == "aiohttp"
     assert results["targets"] == ["direct", "minimal-relay", "llm-manager"]
+    assert any(n.startswith("go not found") for n in results["notes"])
     check_scenarios(results, {"json-c1", "json-c8", "json-c64"})
     check_manager_answers(results)
     check_malformed(results)

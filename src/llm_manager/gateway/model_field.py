@@ -147,10 +147,11 @@ def rename_model(body: bytes, name: str) -> bytes:
     if not spans:
         return body
     value = json.dumps(name).encode()
-    parts: list[bytes] = []
+    view = memoryview(body)  # slices without copies: the join copies each byte once
+    parts: list[bytes | memoryview] = []
     at = 0
     for start, end in spans:
-        parts += (body[at:start], value)
+        parts += (view[at:start], value)
         at = end
-    parts.append(body[at:])
+    parts.append(view[at:])
     return b"".join(parts)
