@@ -15,6 +15,7 @@ import pytest
 from llm_manager.config import Amount, SchemeConfig
 from llm_manager.devices.base import Device
 from llm_manager.logs import LogLine
+from llm_manager.models import footprint
 from llm_manager.models.footprint import FootprintBook, definition_of, read_usage
 from llm_manager.models.oom import out_of_memory
 from llm_manager.models.sizing import Sizer, SizingSettings
@@ -129,6 +130,11 @@ def test_read_usage_measures_a_process_tree() -> None:
         # A GPU listing none of the tree's processes has no reading (not a false zero).
         other = Device("cuda:1", "cuda", "GPU", 8000, 0, 8000, index=1, processes=((1, 5),))
         assert "cuda:1" not in read_usage(proc.pid, [other])
+        # Where the kernel does not list children, one pass over the process table does.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(footprint, "_kernel_children", lambda pid: None)
+            again = read_usage(proc.pid, [gpu])
+        assert abs(again["cpu"] - usage["cpu"]) <= 2 and again["cuda:0"] == 700, again
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
