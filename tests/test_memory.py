@@ -591,3 +591,31 @@ async def test_exit_while_the_gpu_reads_full_is_out_of_memory(
             assert reason == "model 'b' exited with code 3 during start", reason
         finally:
             mirror.cancel()
+
+
+async def test_measurements_can_be_forgotten(tmp_path: Path, spawn_log: Path) -> None:
+    """POST /api/models/{alias}/memory/reset drops a model's footprints, kept and stored:
+    an auto scheme is then refused until measured again (or given a number); a running
+    model is measured afresh from its next reading; other models keep theirs."""
+    command = engine("--hold-mib", "50", "--spawn-log", str(spawn_log))
+    models = {"m": scheme({"cpu": 16}, command), "k": scheme({"cpu": 16}, command)}
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        for name in ("m", "k"):
+            assert (await mgr.post(f"/api/models/{name}/start"))[0] == 200
+            await until_memory(mgr, name, lambda m: (m["devices"]["cpu"]["load_peak"] or 0) >= 50)
+        assert (await mgr.post("/api/models/m/stop"))[0] == 200
+        status, body = await mgr.post("/api/models/m/memory/reset")
+        assert status == 200 and body["forgotten"] == 1, body
+        assert "forgot 1 measured footprint" in body["message"], body
+        cpu = (await memory(mgr, "m"))["devices"]["cpu"]
+        assert (cpu["load_peak"], cpu["serve_peak"], cpu["runs"]) == (None, None, 0), cpu
+        assert (await memory(mgr, "k"))["devices"]["cpu"]["runs"] == 1
+        # A running model: measured again from its next reading on.
+        assert (await mgr.post("/api/models/k/memory/reset"))[1]["forgotten"] == 1
+        await until_memory(mgr, "k", lambda m: (m["devices"]["cpu"]["load_peak"] or 0) >= 50)
+        status, body = await mgr.post("/api/models/nope/memory/reset")
+        assert status == 404, body
+    auto = {"m": scheme({"cpu": "auto"}, command)}
+    async with running_manager(make_config(tmp_path, auto)) as mgr:  # the rows are gone too
+        status, body = await mgr.post("/api/models/m/start")
+        assert status == 503 and "memory on 'cpu' is auto" in body["error"], body

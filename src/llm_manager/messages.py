@@ -19,6 +19,10 @@ _TEXT: dict[str, dict[str, str]] = {
         "en": "model '{name}': deleted {count} log line(s) older than {minutes} minutes",
         "zh": "模型 '{name}' 已清理 {minutes} 分钟前的日志，删除 {count} 条",
     },
+    "memory_forgotten": {
+        "en": "model '{name}': forgot {count} measured footprint(s); the next runs measure afresh",
+        "zh": "模型 '{name}' 已清除 {count} 条内存测量记录，之后的运行将重新测量",
+    },
     "device_unavailable": {
         "en": "device unavailable or insufficient resources",
         "zh": "设备不可用或资源不足",

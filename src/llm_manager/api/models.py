@@ -1,4 +1,4 @@
-"""Model-management endpoints: info, start, stop, restart-autostart, stop-all."""
+"""Model-management endpoints: info, start, stop, memory reset, restart-autostart, stop-all."""
 
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ def router(supervisor: Supervisor, say: Messages) -> APIRouter:
         stopped = await runtime.stop("stop requested")
         key = "stopped" if stopped else "not_running"
         return {"success": True, "message": say(key, name=runtime.name)}
+
+    @api.post(
+        "/{alias:path}/memory/reset",
+        summary="Forget a model's measured memory (its next runs measure afresh)",
+    )
+    async def reset_memory(alias: str) -> dict[str, Any]:
+        runtime = supervisor.resolve(alias)
+        count = await supervisor.footprints.forget(runtime.name)
+        return {
+            "success": True,
+            "message": say("memory_forgotten", name=runtime.name, count=count),
+            "forgotten": count,
+        }
 
     @api.post("/restart-autostart", summary="Restart every auto_start model", response_model=None)
     async def restart_autostart() -> dict[str, Any] | JSONResponse:

@@ -191,6 +191,19 @@ class FootprintBook:
             if m == model and s == scheme and fp.definition == definition
         }
 
+    async def forget(self, model: str) -> int:
+        """Drop every measurement of a model (a run in progress is measured afresh from
+        its next reading on); how many footprints there were."""
+        keys = [key for key in self._book if key[0] == model]
+        for key in keys:
+            del self._book[key]
+        run = self._runs.get(model)
+        if run is not None:
+            run.warned.clear()
+        if self._store is None:
+            return len(keys)
+        return max(len(keys), await self._store.forget(model))
+
     def current(self, model: str) -> dict[str, int]:
         """The latest reading of a running model, by Device.key ({} when none)."""
         run = self._runs.get(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass
 
@@ -68,6 +69,14 @@ class FootprintStore:
                 fp.updated_at,
             ),
         )
+
+    async def forget(self, model: str) -> int:
+        """Delete a model's rows (after every row submitted before); how many there were."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM footprints WHERE model = ?", (model,)).rowcount
+
+        return await asyncio.wrap_future(self._db.call(delete))
 
     def load_all(self) -> list[Footprint]:
         def query(conn: sqlite3.Connection) -> list[Footprint]:
