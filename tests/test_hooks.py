@@ -41,6 +41,18 @@ def messages(mgr: Any, name: str = "m") -> list[str]:
     return [line.message for line in mgr.supervisor.resolve(name).log.lines()]
 
 
+async def start_and_stop(mgr: Any, spawn_log: Path) -> tuple[int, float]:
+    """Start model m, stop it; (its PID, gone now; seconds the stop took)."""
+    assert (await mgr.post("/api/models/m/start"))[0] == 200
+    pid = read_pids(spawn_log)[0]
+    began = time.monotonic()
+    status, body = await mgr.post("/api/models/m/stop")
+    took = time.monotonic() - began
+    assert status == 200 and body["success"] is True
+    assert not alive(pid)
+    return pid, took
+
+
 def index(lines: list[str], prefix: str) -> int:
     for i, line in enumerate(lines):
         if line.startswith(prefix):
@@ -108,13 +120,8 @@ async def test_stop_command_ends_a_signal_ignoring_process_before_any_signal(
         stop_timeout="10s",
     )
     async with running_manager(loaded) as mgr:
-        assert (await mgr.post("/api/models/m/start"))[0] == 200
-        pid = read_pids(spawn_log)[0]
-        began = time.monotonic()
-        status, body = await mgr.post("/api/models/m/stop")
-        assert status == 200 and body["success"] is True
-        assert time.monotonic() - began < 5  # not the 10 s SIGTERM grace
-        assert not alive(pid)
+        pid, took = await start_and_stop(mgr, spawn_log)
+        assert took < 5  # not the 10 s SIGTERM grace
         assert order.read_text() == f"signal {pid} 10\n"
         lines = messages(mgr)
         assert (
@@ -134,11 +141,7 @@ async def test_failing_stop_command_is_logged_and_signals_follow(
         {"m": model("--spawn-log", str(spawn_log), stop_command=[*HOOK, "fail", "2"])},
     )
     async with running_manager(loaded) as mgr:
-        assert (await mgr.post("/api/models/m/start"))[0] == 200
-        pid = read_pids(spawn_log)[0]
-        status, body = await mgr.post("/api/models/m/stop")
-        assert status == 200 and body["success"] is True
-        assert not alive(pid)
+        pid, _ = await start_and_stop(mgr, spawn_log)
         lines = messages(mgr)
         assert (
             index(lines, "stop_command failed with exit code 2")
@@ -264,11 +267,7 @@ async def test_failing_stop_hooks_are_logged_and_the_stop_completes(
     hooks = {"before_stop": [*HOOK, "fail", "5"], "after_stop": [*HOOK, "fail", "6"]}
     loaded = make_config(tmp_path, {"m": model("--spawn-log", str(spawn_log), hooks=hooks)})
     async with running_manager(loaded) as mgr:
-        assert (await mgr.post("/api/models/m/start"))[0] == 200
-        pid = read_pids(spawn_log)[0]
-        status, body = await mgr.post("/api/models/m/stop")
-        assert status == 200 and body["success"] is True
-        assert not alive(pid)
+        pid, _ = await start_and_stop(mgr, spawn_log)
         runtime = mgr.supervisor.resolve("m")
         assert runtime.state is State.STOPPED and runtime.failure_reason is None
         lines = messages(mgr)

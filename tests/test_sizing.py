@@ -16,7 +16,7 @@ from llm_manager.config import Amount, SchemeConfig
 from llm_manager.devices.base import Device
 from llm_manager.logs import LogLine
 from llm_manager.models import footprint
-from llm_manager.models.footprint import FootprintBook, definition_of, read_usage
+from llm_manager.models.footprint import FootprintBook, definition_of, read_usages
 from llm_manager.models.oom import out_of_memory
 from llm_manager.models.sizing import Sizer, SizingSettings
 from llm_manager.store.db import Database
@@ -27,6 +27,10 @@ TEN_PERCENT = SizingSettings(Amount(percent=10.0), measured_raises_declared=Fals
 
 def scheme(devices: dict[str, int | str], command: str = "engine --port {port}") -> SchemeConfig:
     return SchemeConfig.model_validate({"devices": devices, "command": command})
+
+
+def read_usage(pid: int, devices: list[Device]) -> dict[str, int]:
+    return read_usages({"m": pid}, devices).get("m", {})
 
 
 def measured_book(s: SchemeConfig, peaks: dict[str, tuple[int, int]]) -> FootprintBook:

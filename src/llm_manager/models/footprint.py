@@ -113,11 +113,6 @@ def _page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def read_usage(pid: int, devices: Sequence[Device]) -> dict[str, int]:
-    """MiB the process tree of ``pid`` holds, by Device.key (see ``read_usages``)."""
-    return read_usages({"": pid}, devices).get("", {})
-
-
 def read_usages(pids: Mapping[str, int], devices: Sequence[Device]) -> dict[str, dict[str, int]]:
     """For each model's process (name -> PID): MiB its process tree holds, by Device.key:
     ``cpu`` (resident set) and every GPU whose per-process list shows one of its

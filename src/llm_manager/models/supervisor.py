@@ -506,11 +506,11 @@ class Supervisor:
         fit = self._fits.get(name)
         return dict(fit.assignment) if fit is not None else {}
 
-    def sizes(self, runtime: ModelRuntime, read: bool = False) -> dict[str, SchemeNeeds]:
-        """How each of the model's schemes would be planned now (sizing.py); estimates not
-        read yet count as none unless ``read``."""
+    def sizes(self, runtime: ModelRuntime) -> dict[str, SchemeNeeds]:
+        """How each of the model's schemes would be planned now (sizing.py); an estimate
+        not read yet (``_read_estimates``) counts as none: nothing here reads a file."""
         return {
-            n: self.sizer.size(runtime.name, n, s, read=read)
+            n: self.sizer.size(runtime.name, n, s, read=False)
             for n, s in runtime.spec.schemes.items()
         }
 
@@ -522,12 +522,12 @@ class Supervisor:
                 await self.sizer.prepare(runtime.name, name, scheme)
 
     def _plannable(
-        self, runtime: ModelRuntime, read: bool = False
+        self, runtime: ModelRuntime
     ) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
         """(scheme name, MiB per device key) of the schemes whose memory is known, and why
         the others cannot be planned."""
         schemes, problems = [], []
-        for name, sized in self.sizes(runtime, read).items():
+        for name, sized in self.sizes(runtime).items():
             needs = sized.needs
             if needs is None:
                 problems.append(sized.problem() or name)
