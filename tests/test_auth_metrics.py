@@ -187,6 +187,7 @@ def test_histograms_count_values_on_a_bound_in_that_bucket() -> None:
 
     class NoModels:
         runtimes: list[object] = []
+        cluster = None
 
     class NoDevices:
         latest = None

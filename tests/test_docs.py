@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from llm_manager.app import Application
 from llm_manager.asgi import is_management
 from llm_manager.config import (
+    ClusterConfig,
     DeviceConfig,
     LoadedConfig,
     ModelConfig,
@@ -35,6 +36,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "devices": DeviceConfig,
     "models": ModelConfig,
     "schemes": SchemeConfig,
+    "cluster": ClusterConfig,
 }
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _KEY_CELL = re.compile(r"^\|\s*`([^`]+)`\s*\|")

@@ -16,9 +16,11 @@ from llm_manager import __version__, settings
 from llm_manager.api import devices, errors, events, logs, models, openapi, system, usage
 from llm_manager.asgi import Dispatcher
 from llm_manager.auth import KeyCheck
-from llm_manager.config import DeviceConfig, LoadedConfig
+from llm_manager.cluster.nodes import Cluster
+from llm_manager.config import ClusterConfig, DeviceConfig, LoadedConfig
 from llm_manager.devices.amd import AmdProvider
 from llm_manager.devices.base import DeviceProvider
+from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.cpu import CpuProvider
 from llm_manager.devices.cuda import CudaProvider
 from llm_manager.devices.monitor import DeviceMonitor
@@ -50,15 +52,19 @@ class Application:
         http: aiohttp.ClientSession,
         overrides: dict[str, object] | None = None,
         watch: bool = False,
+        cluster: Cluster | None = None,
     ) -> None:
         config = loaded.config
         server = config.server
+        self.cluster = cluster
         self.loaded = loaded
         self.http = http
         # The relay's own client (forwarding only); its idle keep-alive (4 s) stays below
         # llama.cpp's (5 s), so a connection is dropped before the engine drops it.
         self.upstream = UpstreamPool(idle_timeout=4.0)
-        self.monitor = DeviceMonitor(providers(config.devices))
+        self.monitor = DeviceMonitor(
+            providers(config.devices) if cluster is None else [ClusterProvider(cluster)]
+        )
         self.db = Database(server.data_dir / "llm-manager.db")
         self.usage = UsageStore(self.db)
         self.logbook = LogBook(
@@ -70,7 +76,7 @@ class Application:
             ),
         )
         self.supervisor = Supervisor(
-            loaded, self.monitor, http, self.logbook, FootprintStore(self.db)
+            loaded, self.monitor, http, self.logbook, FootprintStore(self.db), cluster
         )
         self.metrics = Metrics(self.supervisor, self.monitor)
         self.reloader = Reloader(
@@ -128,11 +134,12 @@ class Application:
         # For health probes (the relay has its own client, gateway/upstream.py). Its idle
         # keep-alive (4 s) stays below llama.cpp's (5 s), so the pool drops a connection
         # before the engine does. No session-wide timeout: each probe sets its own.
+        cluster = await join_cluster(loaded.config.cluster)
         http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
         )
-        return cls(loaded, http, overrides, watch)
+        return cls(loaded, http, overrides, watch, cluster)
 
     def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager
@@ -203,6 +210,36 @@ class Application:
             await self.http.close()
             self.upstream.close()
             await asyncio.to_thread(self.db.close)
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.close)
+
+
+async def join_cluster(config: ClusterConfig | None) -> Cluster | None:
+    """Cluster mode: join the Ray cluster (up to cluster.connect_timeout); None without
+    a ``cluster:`` section. ClusterUnavailable says why it could not be joined."""
+    if config is None:
+        return None
+    from llm_manager.cluster import ray_backend  # Ray is the optional `cluster` extra
+
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(ray_backend.RayCluster.connect, config), config.connect_timeout
+        )
+    except TimeoutError:
+        raise ClusterUnavailable(
+            f"the Ray cluster at {config.address} did not answer within "
+            f"{config.connect_timeout:g} s (cluster.connect_timeout)"
+        ) from None
+    except ray_backend.MissingExtra as exc:
+        raise ClusterUnavailable(str(exc)) from None
+    except Exception as exc:  # Ray's own words: no cluster there, a wrong token...
+        raise ClusterUnavailable(
+            f"cannot join the Ray cluster at {config.address}: {exc}"
+        ) from None
+
+
+class ClusterUnavailable(Exception):
+    pass
 
 
 def providers(declared: list[DeviceConfig]) -> list[DeviceProvider]:

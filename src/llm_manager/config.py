@@ -469,6 +469,11 @@ class SchemeConfig(_Strict):
         default_factory=HooksConfig,  # type: ignore[arg-type]
         description="Commands run before/after start and before/after stop.",
     )
+    nodes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Cluster mode: labels a node must carry for this scheme to run there "
+        "(llm-manager node --label KEY=VALUE; 'node' is the node's name).",
+    )
 
     @model_validator(mode="after")
     def _one_launcher(self) -> SchemeConfig:
@@ -531,12 +536,61 @@ class ModelConfig(_Strict):
         return value
 
 
+class ClusterConfig(_Strict):
+    """Cluster mode (docs/cluster.md): engines placed on the nodes of a Ray cluster."""
+
+    backend: Literal["ray"] = Field("ray", description="The cluster engine (only Ray).")
+    address: str = Field(
+        "auto",
+        min_length=1,
+        description="The Ray cluster to join: HOST:PORT of its head, or auto (the cluster "
+        "started on this machine with ray start / llm-manager node --head).",
+    )
+    namespace: str = Field(
+        "llm-manager", min_length=1, description="Ray namespace of the manager's actors."
+    )
+    auth_token_file: str | None = Field(
+        None,
+        description="File holding the cluster's token (Ray's token authentication, "
+        "RAY_AUTH_MODE=token); none = the cluster has no authentication.",
+    )
+    connect_timeout: Duration = Field(
+        60.0, gt=0, description="How long the manager waits to join the cluster at start."
+    )
+    probe_timeout: Duration = Field(
+        2.0,
+        gt=0,
+        description="How long a node's device reading may take before the node "
+        "is left out of placement.",
+    )
+
+
 class Config(_Strict):
     """The whole configuration file."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     devices: list[DeviceConfig] = Field(default_factory=list)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    cluster: ClusterConfig | None = Field(
+        None, description="Cluster mode: without it every model runs on this machine."
+    )
+
+    @model_validator(mode="after")
+    def _cluster_rules(self) -> Config:
+        if self.cluster is not None and self.devices:
+            raise ValueError(
+                "'devices' declares this machine's devices; in cluster mode every node "
+                "declares its own (llm-manager node --device NAME:MIB)"
+            )
+        if self.cluster is None:
+            for name, model in self.models.items():
+                for scheme_name, scheme in model.schemes.items():
+                    if scheme.nodes:
+                        raise ValueError(
+                            f"models.{name}.schemes.{scheme_name}.nodes chooses cluster "
+                            "nodes, but there is no 'cluster' section"
+                        )
+        return self
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,32 @@ class _LiveState(Collector):
                 used.add_metric([device.key, device.name], device.memory_used)
                 free.add_metric([device.key, device.name], device.memory_free)
         yield from (used, free)
+        if self._supervisor.cluster is not None:
+            yield from self._cluster(runtimes)
+
+    def _cluster(self, runtimes: list[ModelRuntime]) -> Iterator[GaugeMetricFamily]:
+        """Cluster mode: the nodes that answered, where each model runs, node losses."""
+        nodes = GaugeMetricFamily(
+            "llm_manager_cluster_nodes", "Cluster nodes that answered the latest device reading."
+        )
+        snap = self._monitor.latest
+        report = next((r for r in snap.reports if r.provider == "cluster"), None) if snap else None
+        nodes.add_metric([], len(report.info.get("nodes", ())) if report is not None else 0)
+        placed = GaugeMetricFamily(
+            "llm_manager_model_node",
+            "1 for the node the model's engine runs on.",
+            labels=["model", "node"],
+        )
+        losses = GaugeMetricFamily(
+            "llm_manager_model_node_losses",
+            "Runs of the model that ended because their node left the cluster.",
+            labels=["model"],
+        )
+        for r in runtimes:
+            if r.node is not None:
+                placed.add_metric([r.name, r.node], 1.0)
+            losses.add_metric([r.name], r.node_losses)
+        yield from (nodes, placed, losses)
 
     def _memory(self, runtimes: list[ModelRuntime]) -> GaugeMetricFamily:
         memory = GaugeMetricFamily(

@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--print-lines", type=int, default=0, help="print N log lines at start")
     p.add_argument("--tick", type=float, default=0.0, help="print 'tick N TIME' this often")
     p.add_argument("--print-odd", action="store_true", help="print invalid UTF-8, a long line")
+    p.add_argument("--api-key", default=None, help="401 without 'Authorization: Bearer KEY'")
     return p.parse_args()
 
 
@@ -287,7 +288,19 @@ async def serve(args: argparse.Namespace) -> None:
             headers={"Content-Encoding": "gzip", "Content-Type": "text/html"},
         )
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    @web.middleware
+    async def key_check(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        # As llama-server's --api-key: every path but /health needs the key.
+        wanted = f"Bearer {args.api_key}"
+        if (
+            args.api_key
+            and request.path != "/health"
+            and request.headers.get("Authorization") != wanted
+        ):
+            return web.json_response({"error": "invalid api key"}, status=401)
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[key_check])
     for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits"):
         app.router.add_post(path, form)
     app.router.add_get("/props", props)

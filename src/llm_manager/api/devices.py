@@ -16,7 +16,7 @@ def model_pids(supervisor: Supervisor) -> dict[int, str]:
     """PID -> model for every model process and its descendants (engines fork workers)."""
     owners: dict[int, str] = {}
     for runtime in supervisor.runtimes:
-        pid = runtime.pid
+        pid = runtime.local_pid
         if pid is None:
             continue
         owners[pid] = runtime.name
@@ -39,6 +39,8 @@ def device_view(device: Device, owners: dict[int, str]) -> dict[str, Any]:
         "index": device.index,
         "online": device.online,
     }
+    if device.node is not None:
+        view["node"] = device.node
     if device.uuid is not None:
         view["uuid"] = device.uuid
     if device.utilization is not None:
@@ -69,6 +71,8 @@ def report_view(report: ProviderReport, owners: dict[int, str]) -> dict[str, Any
         body["error"] = report.reason
     if "source" in report.info:
         body["source"] = report.info["source"]
+    if "nodes" in report.info:  # cluster mode: every node, named
+        body["nodes"] = report.info["nodes"]
     return body
 
 

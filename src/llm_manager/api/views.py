@@ -24,7 +24,7 @@ def model_info(
     supervisor: Supervisor, runtime: ModelRuntime, devices: list[Device]
 ) -> dict[str, Any]:
     preview = supervisor.preview(runtime, devices)
-    return {
+    info = {
         "model_name": runtime.name,
         "aliases": list(runtime.spec.aliases),
         "status": runtime.state.value,
@@ -47,6 +47,9 @@ def model_info(
         "start_count": runtime.start_count,
         "memory": memory_info(supervisor, runtime, preview.scheme),
     }
+    if supervisor.cluster is not None:  # cluster mode: where the engine runs
+        info["node"] = runtime.node
+    return info
 
 
 def _seconds_until(when: float | None) -> float | None:

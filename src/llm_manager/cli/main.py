@@ -130,9 +130,14 @@ def serve(
     server = loaded.config.server
     for warning in startup_warnings(server):  # who else can reach it: docs/security.md
         log.warning("%s", warning)
+    from llm_manager.app import ClusterUnavailable
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             code = runner.run(_run(loaded, log_level, early, changes, watch))
+    except ClusterUnavailable as exc:  # cluster mode: docs/cluster.md
+        click.echo(f"cannot serve: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"cannot serve on {server.host}:{server.port}: {exc.strerror or exc}", err=True)
         hint = _serve_hint(exc, server.port)
@@ -178,6 +183,63 @@ async def _run(
 
     server = loaded.config.server
     return await run_server(loaded, server.host, server.port, log_level, early, overrides, watch)
+
+
+@cli.command()
+@click.option("--address", default=None, help="The cluster's head, HOST:PORT (join it).")
+@click.option("--head", is_flag=True, help="Start a new cluster with this machine as its head.")
+@click.option("--port", type=int, default=6379, show_default=True, help="The head's port.")
+@click.option("--name", default=None, help="This node's name (schemes: nodes: {node: NAME}).")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE a scheme can ask for.")
+@click.option(
+    "--device", "devices", multiple=True, help="A GPU that cannot be probed: NAME:MIB[:INDEX]."
+)
+@click.option("--token-file", default=None, help="The cluster's token (Ray token auth).")
+@click.option("--block", is_flag=True, help="Stay in the foreground (ray start --block).")
+@click.option("--dry-run", is_flag=True, help="Print the ray start command; run nothing.")
+def node(
+    address: str | None,
+    head: bool,
+    port: int,
+    name: str | None,
+    labels: tuple[str, ...],
+    devices: tuple[str, ...],
+    token_file: str | None,
+    block: bool,
+    dry_run: bool,
+) -> None:
+    """Join this machine to the cluster (docs/cluster.md): wraps ray start."""
+    import shlex
+    import subprocess
+
+    from llm_manager.cli import node as joining
+
+    try:
+        planned = joining.plan(
+            address=address,
+            head=head,
+            port=port,
+            name=name,
+            labels=labels,
+            devices=devices,
+            token_file=token_file,
+            block=block,
+        )
+    except (joining.NodeProblem, ValueError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    for line in joining.describe(planned):
+        click.echo(line)
+    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in planned.env.items())
+    click.echo(f"{shown} {shlex.join(planned.argv)}")
+    if dry_run:
+        return
+    try:
+        code = subprocess.call(planned.argv, env=joining.merged_env(planned, os.environ))
+    except FileNotFoundError:
+        click.echo("error: ray is not installed: pip install 'llm-manager[cluster]'", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 @cli.command("check-config")

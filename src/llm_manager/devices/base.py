@@ -27,6 +27,9 @@ class Device:
     uuid: str | None = None
     utilization: float | None = None  # percent busy
     processes: tuple[tuple[int, int], ...] = ()  # (pid, MiB) of compute processes
+    # Cluster mode: the node the device is on (its key is then "NODE/KEY"); None = this
+    # machine.
+    node: str | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,10 @@ class DeviceMonitor:
         self._providers = tuple(kept + ([provider] if provider is not None else []))
         self._latest = None
 
+    def invalidate(self) -> None:
+        """The next snapshot is read afresh (a cluster node left)."""
+        self._latest = None
+
     @property
     def latest(self) -> Snapshot | None:
         return self._latest

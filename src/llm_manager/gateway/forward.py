@@ -41,7 +41,6 @@ from llm_manager.gateway.upstream import (
     request_head,
 )
 from llm_manager.gateway.usage import SSEUsageScanner, Usage, from_json_bytes
-from llm_manager.models.launch import UPSTREAM_HOST
 from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.usage import RequestRecord
@@ -420,8 +419,12 @@ class Gateway:
             target = passthrough
             drop = self._drop_raw
             headers = [item for item in scope["headers"] if item[0] not in drop]
+        auth = runtime.engine_auth
+        if auth is not None:  # the engine's own key ({api_key}), never the client's
+            headers = [item for item in headers if item[0] not in _KEY_HEADERS]
+            headers.append(auth)
         method: str = scope["method"]
-        host = UPSTREAM_HOST
+        host = runtime.host  # this machine, or the engine's node in cluster mode
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
         settings = self._settings
         request = functools.partial(

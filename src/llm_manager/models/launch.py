@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -18,6 +19,7 @@ from llm_manager.errors import StartFailed
 
 UPSTREAM_HOST = "127.0.0.1"
 _PLAIN = re.compile(r"[\w./:{}=,@%+-]+")
+API_KEY = "{api_key}"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class Launch:
     # The placeholder values of this start ({port}, {name}, ...), for its hooks and
     # stop_command.
     values: dict[str, str] = field(default_factory=dict)
+    script: bool = False  # argv is [the scheme's script]
+    # The start's own key when the scheme passes {api_key} to the engine (llama-server
+    # --api-key {api_key}): the relay and the probe then send it, so that an engine
+    # listening on the network answers only the manager (docs/configuration.md).
+    api_key: str | None = None
 
     @property
     def display(self) -> str:
@@ -61,32 +68,55 @@ def build(
     data_dir: Path,
     base_dir: Path,
     gpu_indices: Sequence[int] = (),
+    host: str = UPSTREAM_HOST,
+    remote: bool = False,
 ) -> Launch:
+    """The launch of a start. ``remote``: for a cluster node (cluster/remote.py), whose
+    files this machine cannot see: the environment holds only what the manager sets
+    (the node adds its own), CUDA_VISIBLE_DEVICES is always set (empty without a GPU:
+    the planner gave it none), and programs and scripts are looked up there."""
     values = {
         "port": str(port),
         "name": name,
         "alias": aliases[0] if aliases else name,
-        "host": UPSTREAM_HOST,
+        "host": host,
         "data_dir": str(data_dir),
+        "api_key": secrets.token_urlsafe(24),  # this start's own; see Launch.api_key
     }
-    env = dict(os.environ)
+    env = {} if remote else dict(os.environ)
     env.update(
         LLM_MANAGER_MODEL=name,
         LLM_MANAGER_PORT=str(port),
-        LLM_MANAGER_HOST=UPSTREAM_HOST,
+        LLM_MANAGER_HOST=host,
     )
-    if gpu_indices and "CUDA_VISIBLE_DEVICES" not in scheme.env:
+    if (gpu_indices or remote) and "CUDA_VISIBLE_DEVICES" not in scheme.env:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
     env.update({k: substitute(v, values) for k, v in scheme.env.items()})
     cwd = str(_resolve(substitute(scheme.cwd, values), base_dir)) if scheme.cwd else None
     if scheme.script is not None:
         script = _resolve(substitute(scheme.script, values), base_dir)
-        if not script.is_file():
+        if remote:
+            argv = [str(script)]  # how to run it is decided on the node (node_argv)
+        elif not script.is_file():
             raise StartFailed(f"script {script} does not exist")
-        argv = _script_argv(script)
+        else:
+            argv = _script_argv(script)
+    elif remote:
+        raw = scheme.command or ""
+        parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
+        argv = [substitute(p, values) for p in parts]
     else:
         argv = command_argv(scheme.command or "", values, env, cwd, base_dir)
-    return Launch(argv=argv, env=env, cwd=cwd, values=values)
+    written = [describe(scheme), scheme.cwd or "", *scheme.env.values()]
+    key = values["api_key"] if any(API_KEY in text for text in written) else None
+    return Launch(
+        argv=argv,
+        env=env,
+        cwd=cwd,
+        values=values,
+        script=scheme.script is not None,
+        api_key=key,
+    )
 
 
 def command_argv(
@@ -115,6 +145,20 @@ def command_argv(
     elif shutil.which(exe, path=env.get("PATH")) is None:
         raise StartFailed(f"command {exe!r} not found on PATH")
     return argv
+
+
+def node_argv(
+    argv: Sequence[str], script: bool, env: Mapping[str, str], cwd: str | None
+) -> list[str]:
+    """A remote launch's argv as the node runs it (cluster/actors.py): its script run the
+    way this machine would run it, ``llm-manager`` with the node's own interpreter, a
+    program that cannot be found there said so (StartFailed)."""
+    if script:
+        path = Path(argv[0])
+        if not path.is_file():
+            raise StartFailed(f"script {path} does not exist on this node")
+        return _script_argv(path)
+    return command_argv(list(argv), {}, env, cwd, Path(cwd or "."))
 
 
 def _resolve(path: str, base_dir: Path) -> Path:

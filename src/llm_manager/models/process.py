@@ -15,11 +15,34 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import psutil
 
 LineSink = Callable[[str, str], None]  # (stream, line)
+
+
+class EngineProcess(Protocol):
+    """What the runtime holds of a running engine: a ModelProcess here, or a cluster
+    engine on another node (cluster/remote.py)."""
+
+    pid: int
+    pgid: int
+    local: bool
+    node: str | None
+    lost: str | None
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    async def stop(self, grace: float) -> int: ...
+
+    async def close(self) -> None: ...
+
+    def describe_exit(self, code: int) -> str: ...
+
 
 MAX_LINE_BYTES = 16 * 1024
 _TRUNCATED = " …[truncated]"
@@ -42,6 +65,12 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
 
 class ModelProcess:
     """One spawned process group. Methods must be called from the event loop."""
+
+    # On this machine (its PID can be read and signalled here); a cluster engine
+    # (cluster/remote.py) is not.
+    local = True
+    node: str | None = None
+    lost: str | None = None  # a cluster engine's node that left: why it ended
 
     def __init__(self, proc: asyncio.subprocess.Process, readers: list[_OutputReader]) -> None:
         self._proc = proc
@@ -94,6 +123,9 @@ class ModelProcess:
 
     async def wait(self) -> int:
         return await self._proc.wait()
+
+    def describe_exit(self, code: int) -> str:
+        return f"exited with code {code}"
 
     async def stop(self, grace: float) -> int:
         """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; returns the exit code.

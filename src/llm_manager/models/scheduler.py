@@ -34,6 +34,7 @@ class Fit:
     scheme: str
     assignment: dict[str, str]  # scheme device key -> Device.key
     needs: dict[str, int]  # Device.key -> MiB
+    node: str | None = None  # cluster mode: the node of every assigned device
 
     def gpu_indices(self, devices: Sequence[Device]) -> list[int]:
         by_key = {d.key: d for d in devices}
@@ -92,7 +93,7 @@ def matches(key: str, device: Device) -> bool:
     spaces and dashes."""
     lowered = key.strip().casefold()
     if lowered == "cpu":
-        return device.key == "cpu"  # system memory, as probed; not a declared device
+        return device.kind == "cpu"  # system memory, as probed; not a declared device
     family, colon, index = lowered.partition(":")
     if colon and family in ("cuda", "amd") and index.isdigit():
         return device.kind == family and device.index == int(index)
@@ -141,7 +142,30 @@ def keep_free(devices: Sequence[Device], headroom: Mapping[str, Amount]) -> list
 
 
 def fit_scheme(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -> Fit | Shortfall:
-    """Assign each of the scheme's device keys to a distinct online device with room."""
+    """Assign each of the scheme's device keys to a distinct online device with room, all
+    on one node (cluster mode: the node with the most free memory on the devices chosen;
+    a node's shortfall is the one reported when none fits)."""
+    nodes: dict[str | None, list[Device]] = {}
+    for dev in devices:
+        nodes.setdefault(dev.node, []).append(dev)
+    if len(nodes) <= 1:
+        return _fit_on_node(name, needs, devices)
+    fits: list[Fit] = []
+    shortfalls: list[Shortfall] = []
+    for node_devices in nodes.values():
+        result = _fit_on_node(name, needs, node_devices)
+        if isinstance(result, Fit):
+            fits.append(result)
+        else:
+            shortfalls.append(result)
+    if fits:
+        free = {d.key: d.memory_free for d in devices}
+        return max(fits, key=lambda f: sum(free[k] for k in f.needs))
+    # The closest miss: a device present somewhere, with the most free memory.
+    return min(shortfalls, key=lambda s: (s.missing, s.needed - s.free))
+
+
+def _fit_on_node(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -> Fit | Shortfall:
     assignment: dict[str, str] = {}
     taken: set[str] = set()
     # Biggest needs first, so a large claim is not starved by a small one on a shared name.
@@ -160,12 +184,12 @@ def fit_scheme(name: str, needs: Mapping[str, int], devices: Sequence[Device]) -
         assignment[key] = chosen.key
         taken.add(chosen.key)
     else:
-        return _fit(name, needs, assignment)
+        return _fit(name, needs, assignment, devices)
     # The greedy pass can take the one device a later key needed (a name key grabbing
     # cuda:1 before a "cuda:1" key); look for any distinct assignment before giving up.
     matched = _match(order, [d for d in devices if d.online])
     if matched is not None:
-        return _fit(name, needs, matched)
+        return _fit(name, needs, matched, devices)
     return shortfall
 
 
@@ -197,11 +221,14 @@ def _match(order: Sequence[tuple[str, int]], online: Sequence[Device]) -> dict[s
     return {key: dev for dev, key in owner.items()}
 
 
-def _fit(name: str, needs: Mapping[str, int], assignment: Mapping[str, str]) -> Fit:
+def _fit(
+    name: str, needs: Mapping[str, int], assignment: Mapping[str, str], devices: Sequence[Device]
+) -> Fit:
     # In the scheme's own key order: CUDA_VISIBLE_DEVICES follows it, and engines' tensor
     # split flags follow CUDA_VISIBLE_DEVICES.
     ordered = {key: assignment[key] for key in needs}
-    return Fit(name, ordered, {ordered[k]: mib for k, mib in needs.items()})
+    node = devices[0].node if devices else None  # one node's devices (fit_scheme)
+    return Fit(name, ordered, {ordered[k]: mib for k, mib in needs.items()}, node)
 
 
 def is_present(needs: Mapping[str, object], devices: Sequence[Device]) -> bool:

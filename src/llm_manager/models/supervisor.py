@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from llm_manager.cluster.nodes import Cluster
+from llm_manager.cluster.remote import RemoteEngine
 from llm_manager.config import Amount, LoadedConfig, ModelConfig
 from llm_manager.devices.base import Device
 from llm_manager.devices.monitor import DeviceMonitor
-from llm_manager.errors import DeviceUnavailable, ModelBusy
+from llm_manager.errors import DeviceUnavailable, ModelBusy, StartFailed
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
 from llm_manager.models.footprint import FootprintBook, definition_of, read_usages
@@ -85,9 +87,11 @@ class Supervisor:
         http: aiohttp.ClientSession,
         logbook: LogBook,
         footprints: FootprintStore | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         server = loaded.config.server
         self.monitor = monitor
+        self.cluster = cluster  # cluster mode (docs/cluster.md); None = this machine only
         self._http = http
         self._logbook = logbook
         self._reaper = Reaper()
@@ -227,7 +231,7 @@ class Supervisor:
             chosen = runtime.scheme
         else:
             free = self._free(devices, exclude=runtime.name)
-            fit = scheduler.choose(self._plannable(runtime)[0], free)
+            fit = self._choose(runtime, self._plannable(runtime)[0], free)
             if isinstance(fit, Fit):
                 chosen = fit.scheme
             else:
@@ -279,7 +283,7 @@ class Supervisor:
             # free (a GPU releases an exited process's memory a moment later).
             snap = await self.monitor.snapshot(max_age=0 if evicted else None)
             devices = self._free(snap.devices, exclude=runtime.name)
-            result = scheduler.choose(schemes, devices)
+            result = self._choose(runtime, schemes, devices)
             if isinstance(result, Fit):
                 self._book(runtime, result)
                 return result, result.gpu_indices(snap.devices)
@@ -333,7 +337,8 @@ class Supervisor:
         free_to_take = [h for h in holders if h.model not in reserved]
         for pool in (free_to_take, holders) if reserved else (holders,):
             for name, needs in schemes:
-                victims = scheduler.plan_eviction(name, needs, devices, pool)
+                eligible = self._eligible(runtime, name, devices)
+                victims = scheduler.plan_eviction(name, needs, eligible, pool)
                 if victims:
                     if pool is not free_to_take and reserved:
                         # Only by taking what a model ahead in the queue will take: wait
@@ -342,6 +347,46 @@ class Supervisor:
                     can_go = {h.model for h in pool if h.ready}
                     return victims, [v for v in victims if v not in can_go]
         return None  # even evicting every model that may be evicted would not be enough
+
+    def _choose(
+        self,
+        runtime: ModelRuntime,
+        schemes: list[tuple[str, dict[str, int]]],
+        devices: list[Device],
+    ) -> Fit | list[scheduler.Shortfall]:
+        """scheduler.choose, each scheme on the nodes its ``nodes:`` labels allow."""
+        if self.cluster is None:
+            return scheduler.choose(schemes, devices)
+        shortfalls = []
+        for name, needs in schemes:
+            eligible = self._eligible(runtime, name, devices)
+            if not eligible and runtime.spec.schemes[name].nodes:
+                wanted = runtime.spec.schemes[name].nodes
+                labels = ", ".join(f"{k}={v}" for k, v in wanted.items())
+                shortfalls.append(scheduler.Shortfall(name, f"a node with {labels}", 0, 0, True))
+                continue
+            result = scheduler.fit_scheme(name, needs, eligible)
+            if isinstance(result, Fit):
+                return result
+            shortfalls.append(result)
+        return shortfalls
+
+    def _eligible(self, runtime: ModelRuntime, scheme: str, devices: list[Device]) -> list[Device]:
+        """Cluster mode: the devices on the nodes that carry the scheme's ``nodes:`` labels."""
+        wanted = runtime.spec.schemes[scheme].nodes
+        if self.cluster is None or not wanted:
+            return devices
+        allowed = {n.name for n in self.cluster.nodes() if n.carries(wanted)}
+        return [d for d in devices if d.node in allowed]
+
+    async def host(self, node: str, model: str) -> RemoteEngine:
+        if self.cluster is None:
+            raise StartFailed(f"model {model!r} was placed on node {node}, but there is no cluster")
+        return await self.cluster.host(node, model)
+
+    def node_lost(self, node: str) -> None:
+        log.warning("node %s left the cluster", node)
+        self.monitor.invalidate()
 
     def _note_wait(self, runtime: ModelRuntime, wait: Wait, blockers: list[str]) -> None:
         names = tuple(blockers)
@@ -628,25 +673,25 @@ class Supervisor:
     async def _measure_loop(self) -> None:
         """Read what each running model's processes hold, for the footprint book."""
         while True:
-            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
+            active = [r for r in self.runtimes if r.local_pid is not None and r.name in self._fits]
             loading = any(r.state is not State.ROUTING for r in active)
             period = MEASURE_LOADING if loading or not active else MEASURE_SERVING
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._measure_now.wait(), period)
                 await asyncio.sleep(MEASURE_GAP)  # changes come in bursts: one reading
             self._measure_now.clear()
-            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
+            active = [r for r in self.runtimes if r.local_pid is not None and r.name in self._fits]
             if active:
                 with contextlib.suppress(Exception):  # a failed reading is skipped, not fatal
                     await self.measure(active)
 
     async def measure(self, runtimes: list[ModelRuntime]) -> None:
         snap = await self.monitor.snapshot(max_age=MEASURE_SERVING)
-        pids = {r.name: r.pid for r in runtimes if r.pid is not None}
+        pids = {r.name: pid for r in runtimes if (pid := r.local_pid) is not None}
         readings = await asyncio.to_thread(read_usages, pids, snap.devices)
         for runtime in runtimes:
             usage = readings.get(runtime.name)
-            if not usage or runtime.pid != pids.get(runtime.name):
+            if not usage or runtime.local_pid != pids.get(runtime.name):
                 continue  # gone, or restarted while it was read
             for warning in self.footprints.record(runtime.name, usage, runtime.serving):
                 runtime.log.event(f"memory: {warning}")

@@ -1,0 +1,211 @@
+"""The cluster on Ray: the manager joins as a driver, one NodeAgent per node reads its
+devices, one EngineHost per engine runs it on the node the planner chose. Ray is used for
+control only: requests go from the gateway to the engine's address.
+
+The hosts and agents are named actors owned by the manager's connection (not detached):
+when the manager ends, however it ends, Ray ends them, and each host's reaper kills its
+engine's process group. Ray is imported here only (the ``cluster`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm_manager.cluster import actors
+from llm_manager.cluster.nodes import NodeInfo, node_name
+from llm_manager.cluster.remote import HostLost, RemoteEngine
+from llm_manager.config import ClusterConfig
+from llm_manager.devices.base import ProviderReport
+from llm_manager.errors import StartFailed
+
+log = logging.getLogger(__name__)
+
+HOST_READY_TIMEOUT = 30.0  # an engine host placed on a node answers within this
+AGENT_PREFIX = "llm-manager-agent-"
+HOST_PREFIX = "llm-manager-engine-"
+
+
+class MissingExtra(RuntimeError):
+    pass
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtra("cluster mode needs Ray: pip install 'llm-manager[cluster]'") from None
+    return ray
+
+
+def auth_environment(token_file: str | None) -> dict[str, str]:
+    """Ray's token authentication, set in the environment before Ray connects."""
+    if token_file is None:
+        return {}
+    path = Path(token_file).expanduser()
+    if not path.is_file():
+        raise RuntimeError(f"cluster.auth_token_file {path} does not exist")
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+class RayCluster:
+    """The manager's connection to a Ray cluster (``Cluster`` of cluster/nodes.py)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self._config = config
+        self._ray = _ray()
+        self._nodes: list[NodeInfo] = []
+        self._agents: dict[str, Any] = {}  # node id -> agent handle
+        self._lock = threading.Lock()  # probe() runs in threads
+        self._count = itertools.count(1)
+        self._agent_cls: Any = None
+        self._host_cls: Any = None
+
+    @classmethod
+    def connect(cls, config: ClusterConfig) -> RayCluster:
+        """Join the cluster (blocks: call in a thread)."""
+        cluster = cls(config)
+        ray = cluster._ray
+        os.environ.update(auth_environment(config.auth_token_file))
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not ray.is_initialized():
+            ray.init(
+                address=config.address,
+                namespace=config.namespace,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+        remote = ray.remote(num_cpus=0, max_restarts=0)
+        cluster._agent_cls = remote(actors.NodeAgent)
+        cluster._host_cls = remote(actors.EngineHost)
+        cluster._list_nodes()
+        return cluster
+
+    def nodes(self) -> list[NodeInfo]:
+        return list(self._nodes)
+
+    def _list_nodes(self) -> list[NodeInfo]:
+        found = []
+        for entry in self._ray.nodes():
+            if not entry.get("Alive"):
+                continue
+            labels = dict(entry.get("Labels") or {})
+            node_id = entry["NodeID"]
+            found.append(
+                NodeInfo(node_name(node_id, labels), node_id, entry["NodeManagerAddress"], labels)
+            )
+        self._nodes = found
+        return found
+
+    def _strategy(self, node_id: str) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+    def probe(self) -> list[tuple[NodeInfo, list[ProviderReport]]]:
+        ray = self._ray
+        with self._lock:
+            nodes = self._list_nodes()
+            live = {n.node_id for n in nodes}
+            for gone in set(self._agents) - live:
+                self._agents.pop(gone)
+            calls = []
+            for node in nodes:
+                agent = self._agents.get(node.node_id)
+                if agent is None:
+                    agent = self._agent_cls.options(
+                        name=AGENT_PREFIX + node.node_id,
+                        get_if_exists=True,
+                        scheduling_strategy=self._strategy(node.node_id),
+                    ).remote()
+                    self._agents[node.node_id] = agent
+                calls.append((node, agent.probe.remote()))
+        refs = [ref for _, ref in calls]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._config.probe_timeout)
+        answered = set(ready)
+        out = []
+        for node, ref in calls:
+            if ref not in answered:
+                log.warning("node %s did not report its devices in time", node.name)
+                continue
+            try:
+                out.append((node, ray.get(ref)))
+            except Exception as exc:  # the node died meanwhile: left out of placement
+                log.warning("node %s could not report its devices: %s", node.name, exc)
+                with self._lock:
+                    self._agents.pop(node.node_id, None)
+        return out
+
+    async def host(self, node: str, model: str) -> RemoteEngine:
+        info = next((n for n in self._nodes if n.name == node), None)
+        if info is None:
+            raise StartFailed(f"node {node} is not in the cluster any more")
+        handle = self._host_cls.options(
+            name=f"{HOST_PREFIX}{model}-{next(self._count)}",
+            scheduling_strategy=self._strategy(info.node_id),
+        ).remote()
+        calls = _RayHostCalls(self._ray, handle)
+        try:
+            await asyncio.wait_for(handle.__ray_ready__.remote(), HOST_READY_TIMEOUT)
+        except Exception as exc:
+            calls.discard()
+            raise StartFailed(f"no engine host could be placed on node {node}: {exc}") from None
+        return RemoteEngine(info.name, info.address, calls)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._ray.shutdown()
+
+
+class _RayHostCalls:
+    """EngineHost's methods as coroutines; Ray's "actor died" errors become HostLost."""
+
+    def __init__(self, ray: Any, handle: Any) -> None:
+        self._ray = ray
+        self._handle = handle
+        self._dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._handle, method).remote(*args)
+        except self._dead as exc:
+            raise HostLost(_first_line(exc)) from None
+
+    async def free_port(self, host: str) -> int:
+        port: int = await self._call("free_port", host)
+        return port
+
+    async def start(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, script: bool
+    ) -> int:
+        pid: int = await self._call("start", list(argv), dict(env), cwd, script)
+        return pid
+
+    async def lines(self, after: int, wait: float) -> tuple[list[tuple[int, str, str]], bool]:
+        got: tuple[list[tuple[int, str, str]], bool] = await self._call("lines", after, wait)
+        return got
+
+    async def wait(self) -> int:
+        code: int = await self._call("wait")
+        return code
+
+    async def stop(self, grace: float) -> int:
+        code: int = await self._call("stop", grace)
+        return code
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._ray.kill(self._handle, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

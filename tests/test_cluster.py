@@ -1,0 +1,271 @@
+"""Cluster mode on a real local multi-node Ray cluster (ray.cluster_utils.Cluster): a head
+and two worker nodes with declared (fake) GPUs, the fake model server and real processes.
+
+One cluster for the module (starting one takes seconds); the test that removes a node
+runs last and adds it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from llm_manager.config import LoadedConfig, parse_text
+from tests.conftest import alive, fake_command, read_pids, running_manager
+
+ray = pytest.importorskip("ray", reason="cluster mode needs the cluster extra (ray)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+GPU_W1 = [
+    {"name": f"Fake GPU A{i}", "kind": "cuda", "index": i, "memory_total_mib": 24000}
+    for i in (0, 1)
+]
+GPU_W2 = [{"name": "Fake GPU B", "kind": "cuda", "index": 0, "memory_total_mib": 48000}]
+
+
+def _worker(cluster: Cluster, name: str, zone: str, gpus: list[dict[str, Any]]) -> Any:
+    return cluster.add_node(
+        num_cpus=1,
+        num_gpus=len(gpus),
+        labels={"llm-manager/node": name, "zone": zone},
+        env_vars={"LLM_MANAGER_NODE_DEVICES": json.dumps(gpus)},
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "labels": {"llm-manager/node": "head"},
+            # A node that stops answering is known dead in about a second (14 s by default).
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2},
+        },
+    )
+    nodes = {"w1": _worker(cluster, "w1", "a", GPU_W1), "w2": _worker(cluster, "w2", "b", GPU_W2)}
+    cluster.wait_for_nodes()
+    state = {"cluster": cluster, "nodes": nodes}
+    try:
+        yield state
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config(
+    tmp_path: Path, ray_cluster: dict[str, Any], models: dict[str, Any], **server: Any
+) -> LoadedConfig:
+    data: dict[str, Any] = {
+        "server": {"data_dir": str(tmp_path / "data"), "stop_timeout": "2s", **server},
+        "models": models,
+        # A namespace per test: actor names never meet an earlier test's.
+        "cluster": {
+            "address": ray_cluster["cluster"].address,
+            "namespace": f"t{time.monotonic_ns()}",
+        },
+    }
+    return LoadedConfig(parse_text(yaml.safe_dump(data, sort_keys=False), "test"), "test", tmp_path)
+
+
+def _model(mib: int, *switches: str, key: str = "cuda:0", **extra: Any) -> dict[str, Any]:
+    nodes = extra.pop("nodes", None)
+    scheme: dict[str, Any] = {
+        "devices": {key: mib},
+        "command": fake_command("--host", "{host}", *switches),
+    }
+    if nodes:
+        scheme["nodes"] = nodes
+    return {"schemes": {"gpu": scheme}, **extra}
+
+
+def _log_text(runtime: Any) -> str:
+    return "\n".join(line.message for line in runtime.log.lines_after(0))
+
+
+async def _chat(manager: Any, model: str) -> tuple[int, Any]:
+    return await manager.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+async def _info(manager: Any, model: str) -> dict[str, Any]:
+    _, body = await manager.get(f"/api/models/{model}/info")
+    return body["model"]
+
+
+async def test_placed_by_mib_on_the_node_that_fits(
+    tmp_path: Path, ray_cluster: dict[str, Any]
+) -> None:
+    # 30000 MiB on one GPU: only w2's 48000 MiB GPU has room (w1's are 24000 each).
+    loaded = _config(tmp_path, ray_cluster, {"big": _model(30000)})
+    async with running_manager(loaded) as manager:
+        status, body = await _chat(manager, "big")
+        assert status == 200, body
+        runtime = manager.supervisor.resolve("big")
+        assert runtime.node == "w2"
+        assert runtime.host == ray_cluster["cluster"].address.split(":")[0]
+        info = await _info(manager, "big")
+        assert info["node"] == "w2" and info["status"] == "routing"
+        text = _log_text(runtime)
+        assert "on node w2" in text
+        assert "CUDA_VISIBLE_DEVICES=0" in text  # as the planner decided, from the engine itself
+        status, devices = await manager.get("/api/devices/info")
+        assert status == 200
+        cluster_view = devices["devices"]["cluster"]
+        names = {n["name"] for n in cluster_view["nodes"]}
+        assert {"head", "w1", "w2"} <= names
+        by_key = {d["key"]: d for d in cluster_view["info"]["devices"]}
+        assert by_key["w2/static:Fake GPU B"]["node"] == "w2"
+        assert by_key["w2/static:Fake GPU B"]["memory_total"] == 48000
+        assert by_key["w1/cpu"]["node"] == "w1"
+
+
+async def test_a_model_no_node_fits_is_refused_at_once(
+    tmp_path: Path, ray_cluster: dict[str, Any]
+) -> None:
+    loaded = _config(tmp_path, ray_cluster, {"huge": _model(100000)})
+    async with running_manager(loaded) as manager:
+        began = time.monotonic()
+        status, body = await _chat(manager, "huge")
+        assert status == 503, body
+        assert time.monotonic() - began < 10
+        assert "100000 MiB" in json.dumps(body)
+        assert manager.supervisor.resolve("huge").state.value == "stopped"
+
+
+async def test_node_labels_choose_the_node(
+    tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
+) -> None:
+    # w2 has the most free memory, but the scheme asks for zone a: w1, its two GPUs.
+    model = _model(10000, "--spawn-log", str(spawn_log), nodes={"zone": "a"})
+    model["schemes"]["gpu"]["devices"] = {"cuda:0": 10000, "cuda:1": 10000}
+    loaded = _config(tmp_path, ray_cluster, {"zoned": model})
+    async with running_manager(loaded) as manager:
+        status, body = await _chat(manager, "zoned")
+        assert status == 200, body
+        runtime = manager.supervisor.resolve("zoned")
+        assert runtime.node == "w1"
+        text = _log_text(runtime)
+        assert "CUDA_VISIBLE_DEVICES=0,1" in text
+
+
+async def test_stop_and_idle_unload_leave_no_process(
+    tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
+) -> None:
+    models = {
+        "kept": _model(1000, "--spawn-log", str(spawn_log), "--fork-grandchild"),
+        "idle": _model(1000, "--spawn-log", str(spawn_log), "--fork-grandchild", idle_timeout="1s"),
+    }
+    loaded = _config(tmp_path, ray_cluster, models)
+    async with running_manager(loaded) as manager:
+        for name in models:
+            status, body = await _chat(manager, name)
+            assert status == 200, body
+        pids = read_pids(spawn_log) + read_pids(spawn_log.with_name(spawn_log.name + ".grandchild"))
+        assert len(pids) == 4 and all(alive(p) for p in pids)
+        idle = manager.supervisor.resolve("idle")
+        deadline = time.monotonic() + 15
+        while idle.state.value != "stopped" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert idle.state.value == "stopped"
+        status, body = await manager.post("/api/models/kept/stop")
+        assert status == 200, body
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [p for p in pids if alive(p)]
+
+
+async def test_eviction_on_one_node(tmp_path: Path, ray_cluster: dict[str, Any]) -> None:
+    # Both need 30000 MiB on one GPU: only w2 has it; the second start evicts the first.
+    loaded = _config(tmp_path, ray_cluster, {"one": _model(30000), "two": _model(30000)})
+    async with running_manager(loaded) as manager:
+        status, _ = await _chat(manager, "one")
+        assert status == 200
+        status, body = await _chat(manager, "two")
+        assert status == 200, body
+        assert manager.supervisor.resolve("two").node == "w2"
+        assert manager.supervisor.resolve("one").state.value == "stopped"
+
+
+async def test_a_removed_node_fails_over(
+    tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
+) -> None:
+    # 10000 MiB fits either worker; w2 (most free) is chosen, then removed mid-answer.
+    model = _model(10000, "--spawn-log", str(spawn_log), "--chunks", "50", "--chunk-delay", "0.1")
+    loaded = _config(tmp_path, ray_cluster, {"moving": model})
+    cluster = ray_cluster["cluster"]
+    async with running_manager(loaded) as manager:
+        status, body = await _chat(manager, "moving")
+        assert status == 200, body
+        runtime = manager.supervisor.resolve("moving")
+        assert runtime.node == "w2"
+        first_pid = read_pids(spawn_log)[0]
+
+        async def stream() -> tuple[int, bytes]:
+            payload = {
+                "model": "moving",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            async with manager.http.post(
+                manager.url + "/v1/chat/completions", json=payload
+            ) as resp:
+                got = b""
+                try:
+                    async for chunk in resp.content.iter_any():
+                        got += chunk
+                except aiohttp.ClientPayloadError:
+                    got += b"<cut>"
+                return resp.status, got
+
+        inflight = asyncio.create_task(stream())
+        await asyncio.sleep(0.8)
+        removed_at = time.monotonic()
+        cluster.remove_node(ray_cluster["nodes"].pop("w2"))
+        status, got = await asyncio.wait_for(inflight, 30)
+        assert status == 200  # the answer had begun: it ends early, and says so
+        assert b"[DONE]" not in got
+        deadline = time.monotonic() + 15
+        while runtime.state.value == "routing" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert runtime.state.value == "failed"
+        assert "w2 left the cluster" in (runtime.failure_reason or "")
+        status, body = await _chat(manager, "moving")
+        assert status == 200, body
+        served_again = time.monotonic() - removed_at
+        assert runtime.node == "w1"
+        async with manager.http.get(manager.url + "/metrics") as resp:
+            metrics = await resp.text()
+        assert 'llm_manager_model_node_losses{model="moving"} 1.0' in metrics
+        assert 'llm_manager_model_node{model="moving",node="w1"} 1.0' in metrics
+        assert served_again < 20, served_again
+        print(f"served again from w1 {served_again:.1f} s after w2 was removed")
+    assert not alive(first_pid)
+    ray_cluster["nodes"]["w2"] = _worker(cluster, "w2", "b", GPU_W2)
