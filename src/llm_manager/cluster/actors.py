@@ -95,7 +95,9 @@ class EngineHost:
         self._news = asyncio.Event()
         full_env = engine_env(os.environ, env)
         run = launch.node_argv(argv, script, full_env, cwd)
-        self._reaper = Reaper()
+        # Detached: Ray kills a worker's own children with it (the engine, by its
+        # parent-death signal, too), and the reaper must outlive it to kill the group.
+        self._reaper = Reaper(detached=True)
         await self._reaper.start()
         self._proc = await ModelProcess.spawn(run, full_env, cwd, self._append)
         self._reaper.watch(self._proc.pgid)

@@ -20,6 +20,10 @@ import sys
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    if "--detach" in sys.argv[1:] and os.fork() > 0:
+        # Not a child of whoever started it: a Ray worker's children are killed with the
+        # worker (before a reaper could act); this process keeps reading the same stdin.
+        os._exit(0)
     groups: set[int] = set()
     for line in sys.stdin:
         line = line.strip()
@@ -36,24 +40,44 @@ def main() -> None:
 class Reaper:
     """The manager's side: one reaper process for the manager's lifetime."""
 
-    def __init__(self) -> None:
+    def __init__(self, detached: bool = False) -> None:
         self._proc: asyncio.subprocess.Process | None = None
+        self._detached = detached  # see main(): for cluster engine hosts
+        self._fd: int | None = None  # a detached reaper's stdin (the pipe's write end)
 
     async def start(self) -> None:
+        argv = [sys.executable, "-m", "llm_manager.models.reaper"]
+        if self._detached:
+            # A pipe of our own: asyncio closes a process's stdin once the process exits,
+            # and the process started here exits at once (its fork goes on reading).
+            read, write = os.pipe()
+            try:
+                starter = await asyncio.create_subprocess_exec(
+                    *argv, "--detach", stdin=read, start_new_session=True
+                )
+                await starter.wait()
+            except BaseException:
+                os.close(write)
+                raise
+            finally:
+                os.close(read)
+            self._fd = write
+            return
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "llm_manager.models.reaper",
-            stdin=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            *argv, stdin=asyncio.subprocess.PIPE, start_new_session=True
         )
 
     def _send(self, line: str) -> None:
+        data = line.encode() + b"\n"
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, data)  # a few bytes: never blocks on a pipe
+            return
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
-            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.write(data)
 
     def watch(self, pgid: int) -> None:
         self._send(f"+{pgid}")
@@ -62,6 +86,9 @@ class Reaper:
         self._send(f"-{pgid}")
 
     async def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the detached reaper reads the end and exits
         proc, self._proc = self._proc, None
         if proc is None:
             return
