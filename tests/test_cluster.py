@@ -327,7 +327,9 @@ async def test_a_killed_manager_leaves_no_engine(
     for p in pids:
         if alive(p):
             proc_ = psutil.Process(p)
-            left.append((p, proc_.cmdline()[:3], [(q.pid, q.cmdline()[:4]) for q in proc_.parents()][:3]))
+            left.append(
+                (p, proc_.cmdline()[:3], [(q.pid, q.cmdline()[:4]) for q in proc_.parents()][:3])
+            )
     assert not left, f"the engine outlived its manager: {left} (engine {read_pids(spawn_log)})"
 
 
