@@ -333,6 +333,60 @@ async def test_a_killed_manager_leaves_no_engine(
     assert not left, f"the engine outlived its manager: {left} (engine {read_pids(spawn_log)})"
 
 
+async def test_llm_manager_node_joins_a_machine(
+    tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    argv = [
+        sys.executable, "-m", "llm_manager", "node", "--address", ray_cluster["cluster"].address,
+        "--name", "w3", "--label", "zone=c", "--device", "Fake C:16000", "--block",
+        "--", "--num-cpus", "1", "--object-store-memory", "100000000",
+    ]  # fmt: skip
+    with (tmp_path / "node.log").open("w") as out:
+        # Ray drains a node for up to 30 s at SIGTERM; 2 s is enough here.
+        env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2")
+        node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        model = _model(12000, "--spawn-log", str(spawn_log), nodes={"zone": "c"})
+        loaded = _config(tmp_path, ray_cluster, {"on-w3": model})
+        async with running_manager(loaded) as manager:
+            deadline = time.monotonic() + 60
+            while "w3" not in {
+                n.name for n, _ in await asyncio.to_thread(manager.app.cluster.probe)
+            }:
+                assert node.poll() is None, (tmp_path / "node.log").read_text()
+                assert time.monotonic() < deadline, "the node did not join"
+                await asyncio.sleep(0.5)
+            status, body = await _chat(manager, "on-w3")
+            assert status == 200, body
+            runtime = manager.supervisor.resolve("on-w3")
+            assert runtime.node == "w3"
+            assert "CUDA_VISIBLE_DEVICES=0" in _log_text(runtime)
+            _, devices = await manager.get("/api/devices/info")
+            nodes = {n["name"]: n for n in devices["devices"]["cluster"]["nodes"]}
+            assert nodes["w3"]["labels"]["llm-manager/gpus"] == "1"
+            assert nodes["w3"]["labels"]["llm-manager/gpu-mib"] == "16000"
+            engine = read_pids(spawn_log)[0]
+            # SIGTERM to the command stops the node (it is ray start itself, not its parent).
+            node.send_signal(signal.SIGTERM)
+            node.wait(30)
+            deadline = time.monotonic() + 20
+            while runtime.state.value == "routing":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert "w3 left the cluster" in _log_text(runtime)
+            status, body = await _chat(manager, "on-w3")
+            assert status == 503, body  # no other node carries zone=c
+        assert not alive(engine)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+
+
 async def test_a_removed_node_fails_over(
     tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
 ) -> None:

@@ -185,7 +185,7 @@ async def _run(
     return await run_server(loaded, server.host, server.port, log_level, early, overrides, watch)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--address", default=None, help="The cluster's head, HOST:PORT (join it).")
 @click.option("--head", is_flag=True, help="Start a new cluster with this machine as its head.")
 @click.option("--port", type=int, default=6379, show_default=True, help="The head's port.")
@@ -197,7 +197,9 @@ async def _run(
 @click.option("--token-file", default=None, help="The cluster's token (Ray token auth).")
 @click.option("--block", is_flag=True, help="Stay in the foreground (ray start --block).")
 @click.option("--dry-run", is_flag=True, help="Print the ray start command; run nothing.")
+@click.argument("ray_args", nargs=-1, type=click.UNPROCESSED)
 def node(
+    ray_args: tuple[str, ...],
     address: str | None,
     head: bool,
     port: int,
@@ -208,9 +210,9 @@ def node(
     block: bool,
     dry_run: bool,
 ) -> None:
-    """Join this machine to the cluster (docs/cluster.md): wraps ray start."""
+    """Join this machine to the cluster (docs/cluster.md): wraps ray start. Arguments
+    after -- go to ray start as they are (--object-store-memory, --node-ip-address...)."""
     import shlex
-    import subprocess
 
     from llm_manager.cli import node as joining
 
@@ -224,6 +226,7 @@ def node(
             devices=devices,
             token_file=token_file,
             block=block,
+            extra=ray_args,
         )
     except (joining.NodeProblem, ValueError, RuntimeError) as exc:
         click.echo(f"error: {exc}", err=True)
@@ -234,12 +237,14 @@ def node(
     click.echo(f"{shown} {shlex.join(planned.argv)}")
     if dry_run:
         return
+    sys.stdout.flush()
     try:
-        code = subprocess.call(planned.argv, env=joining.merged_env(planned, os.environ))
+        # Replaced by ray start (not its parent): a signal to this command reaches Ray's
+        # own handling (with --block, SIGTERM stops the node's processes).
+        os.execvpe(planned.argv[0], planned.argv, joining.merged_env(planned, os.environ))
     except FileNotFoundError:
         click.echo("error: ray is not installed: pip install 'llm-manager[cluster]'", err=True)
         sys.exit(2)
-    sys.exit(code)
 
 
 @cli.command("check-config")

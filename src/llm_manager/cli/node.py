@@ -73,6 +73,7 @@ def plan(
     token_file: str | None,
     block: bool,
     probed: Sequence[Device] | None = None,
+    extra: Sequence[str] = (),
 ) -> NodePlan:
     """The ``ray start`` command that joins (or, with ``head``, starts) the cluster."""
     if head == (address is not None):
@@ -97,6 +98,7 @@ def plan(
     argv += ["--labels", ",".join(f"{k}={v}" for k, v in own.items())]
     if block:
         argv.append("--block")
+    argv += extra  # ray start's own options, as given after --
     env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
     env.update(auth_environment(token_file))
     if declared:
