@@ -134,3 +134,20 @@ def spawn_log(tmp_path: Path) -> Iterator[Path]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"model processes left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (tests/postgres_server.py)."""
+    pytest.importorskip("psycopg", reason="needs psycopg (the postgres extra)")
+    from tests.postgres_server import PostgresServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip("needs PostgreSQL's server binaries (Debian: apt-get install postgresql)")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

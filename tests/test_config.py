@@ -732,7 +732,7 @@ def test_load_file_that_is_not_utf8(tmp_path: Path) -> None:
 def test_json_schema_is_valid_json_describing_the_config() -> None:
     schema = json.loads(json_schema())
     assert schema["type"] == "object"
-    assert set(schema["properties"]) == {"server", "devices", "models", "cluster"}
+    assert set(schema["properties"]) == {"server", "devices", "models", "cluster", "store"}
     assert schema.get("additionalProperties") is False
     defs = schema["$defs"]
     assert {"ServerConfig", "ModelConfig", "SchemeConfig", "DeviceConfig"} <= set(defs)

@@ -35,7 +35,7 @@ from llm_manager.metrics import Metrics
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.ollama.facade import OllamaFacade
 from llm_manager.reload import Reloader
-from llm_manager.store.db import Database
+from llm_manager.store.db import for_store
 from llm_manager.store.footprints import FootprintStore
 from llm_manager.store.logs import LogStore
 from llm_manager.store.usage import RequestRecord, UsageStore
@@ -65,7 +65,7 @@ class Application:
         self.monitor = DeviceMonitor(
             providers(config.devices) if cluster is None else [ClusterProvider(cluster)]
         )
-        self.db = Database(server.data_dir / "llm-manager.db")
+        self.db = for_store(config.store, server.data_dir)
         self.usage = UsageStore(self.db)
         self.logbook = LogBook(
             LogStore(self.db),

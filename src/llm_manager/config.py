@@ -574,6 +574,18 @@ class Config(_Strict):
     cluster: ClusterConfig | None = Field(
         None, description="Cluster mode: without it every model runs on this machine."
     )
+    store: str | None = Field(
+        None,
+        description="Where records and logs are kept: a PostgreSQL URL "
+        "(postgresql://user:password@host/db); none = the SQLite file in server.data_dir.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store must be a PostgreSQL URL: postgresql://user@host/db")
+        return value
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> Config:

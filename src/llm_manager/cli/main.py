@@ -131,11 +131,12 @@ def serve(
     for warning in startup_warnings(server):  # who else can reach it: docs/security.md
         log.warning("%s", warning)
     from llm_manager.app import ClusterUnavailable
+    from llm_manager.store.postgres import MissingDriver
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             code = runner.run(_run(loaded, log_level, early, changes, watch))
-    except ClusterUnavailable as exc:  # cluster mode: docs/cluster.md
+    except (ClusterUnavailable, MissingDriver) as exc:  # cluster mode, a PostgreSQL store
         click.echo(f"cannot serve: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:

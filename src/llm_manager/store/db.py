@@ -1,8 +1,10 @@
-"""The database file: one writer thread with a queue, readers on their own connections.
+"""The store: one writer thread with a queue, readers on their own connections.
 
 Writes never block the event loop: callers enqueue rows; the writer commits whatever has
 queued up as one transaction (batching grows with load). A failing write (read-only file,
-full disk) is logged and kept for retry, bounded, so that serving goes on.
+full disk, a database that went away) is logged and kept for retry, bounded, so that
+serving goes on. The SQL is written once, in SQLite's words; a driver (SQLite here,
+PostgreSQL in store/postgres.py) connects and says what differs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from llm_manager.errors import StorageUnavailable
 from llm_manager.store.migrations import MIGRATIONS
@@ -25,9 +27,73 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Write = tuple[str, Sequence[Any]]
-MAX_RETAINED = 100_000  # rows kept in memory while the file cannot be written
+MAX_RETAINED = 100_000  # rows kept in memory while the store cannot be written
 MERGE_ROWS = 256  # rows per multi-row INSERT (x 15 columns, well under SQLite's 32,766 variables)
 MERGE_SIZES = (MERGE_ROWS, 64, 16, 4, 1)  # the row counts used: few distinct statements
+
+
+class Connection(Protocol):
+    """What the stores use of a connection: sqlite3's, or store/postgres.py's wrapper."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Driver(Protocol):
+    """Connects to one store and says what differs between databases."""
+
+    name: str  # where, for messages: a file path, or a URL without its password
+    errors: tuple[type[BaseException], ...]  # what its operations raise when it fails
+    migration_lock: str  # SQL run first in the migrations' transaction ("" = none)
+
+    def connect(self, writer: bool) -> Connection: ...
+
+    def prepare(self, conn: Connection) -> None:
+        """Once, on the writer's connection, before the migrations."""
+
+    def schema(self, sql: str) -> str:
+        """A migration's SQL (SQLite's) in this database's words."""
+
+    def bucket(self, column: str, size: int) -> str:
+        """SQL: ``column`` rounded down to a multiple of ``size``."""
+
+    def broken(self, conn: Connection) -> bool:
+        """Whether a connection that failed must be replaced (the server went away)."""
+
+    def write(self, conn: Connection, pending: Sequence[Write]) -> None:
+        """The writes of one batch, in order, inside the writer's transaction."""
+
+
+class SqliteDriver:
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    migration_lock = ""  # SQLite locks the file for the writing transaction itself
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+
+    def connect(self, writer: bool) -> Connection:
+        if writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        return connect(self.path)
+
+    def prepare(self, conn: Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+
+    def schema(self, sql: str) -> str:
+        return sql
+
+    def bucket(self, column: str, size: int) -> str:
+        return f"CAST({column} / {size} AS INTEGER) * {size}"
+
+    def broken(self, conn: Connection) -> bool:
+        return False  # a file: the same connection works again once the file does
+
+    def write(self, conn: Connection, pending: Sequence[Write]) -> None:
+        for sql, params in merged(pending):
+            conn.execute(sql, params)
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -40,57 +106,75 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations"
-        " (version INTEGER PRIMARY KEY, applied_at REAL)"
-    )
-    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-    for version, sql in MIGRATIONS:
-        if version in done:
-            continue
-        conn.execute("BEGIN")
-        try:
-            for statement in sql.split(";"):
+def migrate(conn: Connection, driver: Driver | None = None) -> int:
+    """Apply the migrations not applied yet, all in one transaction (taken under the
+    driver's lock: two managers sharing a PostgreSQL database may start at once)."""
+    schema = driver.schema if driver is not None else (lambda sql: sql)
+    conn.execute("BEGIN")
+    try:
+        if driver is not None and driver.migration_lock:
+            conn.execute(driver.migration_lock)
+        conn.execute(
+            schema(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at REAL)"
+            )
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            for statement in schema(sql).split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                 (version, time.time()),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     return max((v for v, _ in MIGRATIONS), default=0)
 
 
 class _Call:
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: Any) -> None:
+    def __init__(self, fn: Callable[[Any], Any], future: Any) -> None:
         self.fn = fn
         self.future = future
 
-    def run(self, conn: sqlite3.Connection) -> None:
+    def run(self, conn: Connection, errors: tuple[type[BaseException], ...]) -> bool:
+        """Run in one transaction; False when the store failed under it."""
         if not self.future.set_running_or_notify_cancel():
-            return
+            return True
         try:
             conn.execute("BEGIN")
             result = self.fn(conn)
             conn.execute("COMMIT")
         except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*errors):
                 conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+            failed = isinstance(exc, errors)
+            if failed:
                 exc = StorageUnavailable("the database cannot be written", str(exc))
             self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
+            return not failed
+        self.future.set_result(result)
+        return True
 
 
 class Database:
-    """Owns the SQLite file. ``submit`` from any thread; ``read`` runs in the caller's thread."""
+    """Owns the store: a SQLite file, or a PostgreSQL database (``driver``). ``submit``
+    from any thread; ``read`` runs in the caller's thread."""
 
-    def __init__(self, path: Path, batch_interval: float = 0.2) -> None:
+    def __init__(
+        self, path: Path | None = None, batch_interval: float = 0.2, driver: Driver | None = None
+    ) -> None:
+        if driver is None:
+            if path is None:
+                raise ValueError("a database needs a file path or a driver")
+            driver = SqliteDriver(path)
+        self.driver = driver
         self.path = path
         self.last_error: str | None = None
         self.written = 0
@@ -100,22 +184,24 @@ class Database:
         self._queue: queue.SimpleQueue[Write | threading.Event | _Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
+        self._readers: list[Connection] = []  # every thread's, closed with the store
+        self._readers_lock = threading.Lock()
 
     def open(self) -> bool:
-        """Open and migrate; False (logged, in ``last_error``) when the file is unusable:
+        """Open and migrate; False (logged, in ``last_error``) when the store is unusable:
         the manager keeps serving without records rather than not at all."""
+        driver = self.driver
+        failures: tuple[type[BaseException], ...] = (OSError, *driver.errors)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            migrate(conn)
-        except (OSError, sqlite3.Error) as exc:
-            self.last_error = f"cannot open {self.path}: {exc}"
+            conn = driver.connect(writer=True)
+            driver.prepare(conn)
+            migrate(conn, driver)
+        except failures as exc:
+            self.last_error = f"cannot open {driver.name}: {exc}"
             log.error("%s; request records will not be kept", self.last_error)
             return False
         self._thread = threading.Thread(
-            target=self._writer, args=(conn,), name="sqlite-writer", daemon=True
+            target=self._writer, args=(conn,), name="store-writer", daemon=True
         )
         self._thread.start()
         return True
@@ -123,6 +209,7 @@ class Database:
     def status(self) -> dict[str, Any]:
         """For /health: whether records are being written, and what went wrong if not."""
         return {
+            "store": self.driver.name,
             "ok": self._thread is not None and self.last_error is None,
             "error": self.last_error,
             "written": self.written,
@@ -145,6 +232,11 @@ class Database:
         return done.wait(timeout)
 
     def close(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            with contextlib.suppress(*self.driver.errors):
+                conn.close()
         if self._thread is None:
             return
         self._queue.put(None)
@@ -152,7 +244,7 @@ class Database:
         self._thread.join(30)
         self._thread = None
 
-    def call(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+    def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
         """Run ``fn`` in one transaction on the writer thread, after every write submitted
         before it (deletes that must see earlier inserts); the future holds its result."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -163,26 +255,40 @@ class Database:
         self._wake.set()
         return future
 
-    def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a read on this thread's own connection (WAL: readers never wait for the writer)."""
+    def read(self, query: Callable[[Any], T]) -> T:
+        """Run a read on this thread's own connection (WAL: readers never wait for the
+        writer; PostgreSQL: its own snapshot)."""
         if self._thread is None:
             raise self._unavailable()
+        driver = self.driver
+        conn: Connection | None = getattr(self._local, "conn", None)
         try:
-            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
             if conn is None:
-                conn = connect(self.path)
+                conn = driver.connect(writer=False)
                 self._local.conn = conn
+                with self._readers_lock:
+                    self._readers.append(conn)
             return query(conn)
-        except sqlite3.Error as exc:
+        except driver.errors as exc:
+            if conn is not None and driver.broken(conn):
+                self._local.conn = None  # the next read connects afresh
+                with self._readers_lock:
+                    self._readers.remove(conn)
+                with contextlib.suppress(*driver.errors):
+                    conn.close()
             raise StorageUnavailable("the database cannot be read", str(exc)) from None
+
+    def bucket(self, column: str, size: int) -> str:
+        return self.driver.bucket(column, size)
 
     def _unavailable(self) -> StorageUnavailable:
         return StorageUnavailable(
             "the database is not available", self.last_error or "the database is closed"
         )
 
-    def _writer(self, conn: sqlite3.Connection) -> None:
+    def _writer(self, conn: Connection) -> None:
         pending: list[Write] = []
+        driver = self.driver
         while True:
             items: list[Write | threading.Event | _Call | None] = []
             with contextlib.suppress(queue.Empty):
@@ -210,34 +316,51 @@ class Database:
                     stop = True
                 elif isinstance(item, threading.Event):
                     item.set()
-                else:
-                    item.run(conn)
+                elif not item.run(conn, driver.errors):
+                    conn = self._reconnect(conn)
             if pending:
-                self._commit(conn, pending)
+                conn = self._commit(conn, pending)
             if stop:
                 break
-        conn.close()
+        with contextlib.suppress(*driver.errors):
+            conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, pending: list[Write]) -> None:
+    def _reconnect(self, conn: Connection) -> Connection:
+        """The writer's connection after a failure: a new one when the old is broken
+        (the server went away), once one can be made; else the same."""
+        driver = self.driver
+        if not driver.broken(conn):
+            return conn
+        try:
+            fresh = driver.connect(writer=True)
+        except driver.errors as exc:
+            self.last_error = str(exc)
+            return conn  # still broken: the next retry tries again
+        with contextlib.suppress(*driver.errors):
+            conn.close()
+        return fresh
+
+    def _commit(self, conn: Connection, pending: list[Write]) -> Connection:
+        driver = self.driver
         try:
             conn.execute("BEGIN")
-            for sql, params in merged(pending):
-                conn.execute(sql, params)
+            driver.write(conn, pending)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
+        except driver.errors as exc:
+            with contextlib.suppress(*driver.errors):
                 conn.execute("ROLLBACK")
             if self.last_error != str(exc):
-                log.error("cannot write to %s: %s (will retry)", self.path, exc)
+                log.error("cannot write to %s: %s (will retry)", driver.name, exc)
             self.last_error = str(exc)
             if len(pending) > MAX_RETAINED:
                 dropped = len(pending) - MAX_RETAINED
                 log.error("dropping %d unwritten record(s): database unwritable", dropped)
                 del pending[:dropped]
-            return
+            return self._reconnect(conn)
         self.written += len(pending)
         self.last_error = None
         pending.clear()
+        return conn
 
 
 def merged(pending: Sequence[Write]) -> Iterator[Write]:
@@ -269,3 +392,13 @@ def merged(pending: Sequence[Write]) -> Iterator[Write]:
         values = [value for _, row_params in pending[i : i + size] for value in row_params]
         yield sql + ("," + row) * (size - 1), values
         i += size
+
+
+def for_store(store: str | None, data_dir: Path) -> Database:
+    """The configured store: ``store:`` a PostgreSQL URL, else the SQLite file in the data
+    directory. MissingDriver (store/postgres.py) when psycopg is not installed."""
+    if store is None:
+        return Database(data_dir / "llm-manager.db")
+    from llm_manager.store.postgres import PostgresDriver
+
+    return Database(driver=PostgresDriver(store))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 
-from llm_manager.store.db import Database
+from llm_manager.store.db import Connection, Database
 
 _COLUMNS = (
     "model",
@@ -18,11 +17,15 @@ _COLUMNS = (
     "runs",
     "updated_at",
 )
-# A whole row each time: the book holds the truth (peaks over runs) and the writer batches
-# rows, so the newest row of a key wins. It ends in "VALUES (...)": the writer merges runs.
+# A whole row each time: the book holds the truth (peaks over runs) and the writer commits
+# rows in order, so the newest row of a key wins. An upsert in the words SQLite and
+# PostgreSQL share; it does not end in "VALUES (...)", so the writer never merges two rows
+# of one key into one statement (PostgreSQL refuses that).
 _SAVE = (
-    f"INSERT OR REPLACE INTO footprints ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    f"INSERT INTO footprints ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+    "ON CONFLICT (model, scheme, device) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[3:])
 )
 
 
@@ -73,13 +76,13 @@ class FootprintStore:
     async def forget(self, model: str) -> int:
         """Delete a model's rows (after every row submitted before); how many there were."""
 
-        def delete(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM footprints WHERE model = ?", (model,)).rowcount
+        def delete(conn: Connection) -> int:
+            return int(conn.execute("DELETE FROM footprints WHERE model = ?", (model,)).rowcount)
 
         return await asyncio.wrap_future(self._db.call(delete))
 
     def load_all(self) -> list[Footprint]:
-        def query(conn: sqlite3.Connection) -> list[Footprint]:
+        def query(conn: Connection) -> list[Footprint]:
             rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM footprints").fetchall()
             return [Footprint(*tuple(r)) for r in rows]
 

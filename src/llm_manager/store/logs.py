@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from typing import Any
 
-from llm_manager.store.db import Database
+from llm_manager.store.db import Connection, Database
 
 _INSERT = "INSERT INTO log_lines (model, ts, stream, message) VALUES (?, ?, ?, ?)"
 
@@ -22,7 +21,7 @@ class LogStore:
     def recent(self, model: str, limit: int) -> list[tuple[float, str, str]]:
         """The newest ``limit`` lines of a model, oldest first."""
 
-        def query(conn: sqlite3.Connection) -> list[tuple[float, str, str]]:
+        def query(conn: Connection) -> list[tuple[float, str, str]]:
             rows = conn.execute(
                 "SELECT ts, stream, message FROM log_lines WHERE model = ? "
                 "ORDER BY id DESC LIMIT ?",
@@ -33,7 +32,7 @@ class LogStore:
         return self._db.read(query)
 
     def counts(self) -> dict[str, int]:
-        def query(conn: sqlite3.Connection) -> dict[str, int]:
+        def query(conn: Connection) -> dict[str, int]:
             rows = conn.execute("SELECT model, COUNT(*) FROM log_lines GROUP BY model")
             return {r[0]: r[1] for r in rows}
 
@@ -42,9 +41,9 @@ class LogStore:
     async def delete_before(self, model: str, cutoff: float) -> int:
         """Delete a model's lines older than ``cutoff`` (after every pending insert)."""
 
-        def delete(conn: sqlite3.Connection) -> int:
+        def delete(conn: Connection) -> int:
             cur = conn.execute("DELETE FROM log_lines WHERE model = ? AND ts < ?", (model, cutoff))
-            return cur.rowcount
+            return int(cur.rowcount)
 
         return await asyncio.wrap_future(self._db.call(delete))
 
@@ -52,7 +51,7 @@ class LogStore:
         """Drop lines older than ``max_age`` seconds (0 = keep) and beyond ``max_lines``
         per model (0 = no limit); returns how many went."""
 
-        def prune(conn: sqlite3.Connection) -> int:
+        def prune(conn: Connection) -> int:
             removed = 0
             if max_age > 0:
                 cur = conn.execute("DELETE FROM log_lines WHERE ts < ?", (time.time() - max_age,))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import operator
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_manager.store.db import Database
+from llm_manager.store.db import Connection, Database
 
 _COLUMNS = (
     "model",
@@ -75,7 +74,7 @@ class UsageStore:
         where, params = _filters(model, since, until)
         sql = f"SELECT id, {', '.join(_COLUMNS)} FROM requests{where} ORDER BY id DESC LIMIT ?"
 
-        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        def query(conn: Connection) -> list[dict[str, Any]]:
             rows = conn.execute(sql, [*params, limit]).fetchall()
             return [{**dict(r), "stream": bool(r["stream"])} for r in rows]
 
@@ -100,11 +99,11 @@ class UsageStore:
         )
         totals_sql = f"SELECT model, {sums} FROM requests{where} GROUP BY model ORDER BY model"
         series_sql = (
-            f"SELECT model, CAST(started_at / {size} AS INTEGER) * {size} AS start, {sums} "
+            f"SELECT model, {self._db.bucket('started_at', size)} AS start, {sums} "
             f"FROM requests{where} GROUP BY model, start ORDER BY model, start"
         )
 
-        def query(conn: sqlite3.Connection) -> dict[str, Any]:
+        def query(conn: Connection) -> dict[str, Any]:
             totals = {r["model"]: _row(r) for r in conn.execute(totals_sql, params)}
             series: dict[str, list[dict[str, Any]]] = {}
             for r in conn.execute(series_sql, params):
@@ -114,7 +113,7 @@ class UsageStore:
         return self._db.read(query)
 
 
-def _row(r: sqlite3.Row) -> dict[str, Any]:
+def _row(r: Any) -> dict[str, Any]:
     return {
         "requests": r["requests"],
         "prompt_tokens": r["prompt_tokens"],
