@@ -190,3 +190,21 @@ async def test_two_managers_share_one_postgresql_store(tmp_path: Path, postgres:
             assert body["total"]["completion_tokens"] == 5 * 5  # the fake answers 5 tokens
             _, health = await manager.get("/health")
             assert health["storage"]["ok"] and health["storage"]["store"] == url
+
+
+def test_estimate_reads_the_measurements_of_a_postgresql_store(
+    postgres: Any, tmp_path: Path
+) -> None:
+    from llm_manager.cli.memory import read_footprints
+
+    url = postgres.new_database()
+    assert read_footprints(tmp_path, url) == ([], None)  # the manager never ran with it
+    db = Database(driver=PostgresDriver(url))
+    assert db.open()
+    FootprintStore(db).save(Footprint("m", "gpu", "cuda:0", "d", 900, 1100, 2, 1.0))
+    assert db.flush()
+    db.close()
+    rows, problem = read_footprints(tmp_path, url)
+    assert problem is None and [(r.model, r.peak, r.runs) for r in rows] == [("m", 1100, 2)]
+    rows, problem = read_footprints(tmp_path, url.rsplit("/", 1)[0] + "/no_such_db")
+    assert rows == [] and problem is not None and "no_such_db" in problem

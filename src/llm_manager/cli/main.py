@@ -342,7 +342,7 @@ def estimate(target: str, config_path: str | None, as_json: bool) -> None:
     except LookupError as exc:
         click.echo(f"error: {exc.args[0]}", err=True)
         sys.exit(2)
-    rows, problem = memory.read_footprints(loaded.config.server.data_dir)
+    rows, problem = memory.read_footprints(loaded.config.server.data_dir, loaded.config.store)
     if problem:
         click.echo(f"warning: {problem}", err=True)
     plans = [memory.plan_scheme(loaded, name, scheme, rows) for scheme in schemes]

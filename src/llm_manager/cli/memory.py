@@ -137,20 +137,26 @@ class _ReadRows(FootprintStore):
         return list(self._rows)
 
 
-def read_footprints(data_dir: Path) -> tuple[list[Footprint], str | None]:
-    """The measured footprints kept in ``data_dir``'s database, read-only. No file (the
-    manager never ran there), or none of the table yet: no measurements. Returns the rows
-    and a note when the file exists but cannot be read."""
+_FOOTPRINTS = (
+    "SELECT model, scheme, device, definition, load_peak_mib, serve_peak_mib, "
+    "runs, updated_at FROM footprints"
+)
+
+
+def read_footprints(data_dir: Path, store: str | None = None) -> tuple[list[Footprint], str | None]:
+    """The measured footprints kept in the store (``data_dir``'s database, or the
+    PostgreSQL ``store``), read-only. No file (the manager never ran there), or none of
+    the table yet: no measurements. Returns the rows and a note when the store exists but
+    cannot be read."""
+    if store is not None:
+        return _read_postgres(store)
     path = data_dir / DB_NAME
     if not path.is_file():
         return [], None
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            rows = conn.execute(
-                "SELECT model, scheme, device, definition, load_peak_mib, serve_peak_mib, "
-                "runs, updated_at FROM footprints"
-            ).fetchall()
+            rows = conn.execute(_FOOTPRINTS).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -158,6 +164,26 @@ def read_footprints(data_dir: Path) -> tuple[list[Footprint], str | None]:
             return [], None
         return [], f"cannot read the measurements in {path}: {exc}"
     return [Footprint(*row) for row in rows], None
+
+
+def _read_postgres(url: str) -> tuple[list[Footprint], str | None]:
+    from llm_manager.store.postgres import MissingDriver, PostgresDriver
+
+    try:
+        driver = PostgresDriver(url)
+    except MissingDriver as exc:
+        return [], str(exc)
+    try:
+        conn = driver.connect(writer=False)
+        try:
+            rows = conn.execute(_FOOTPRINTS).fetchall()
+        finally:
+            conn.close()
+    except driver.errors as exc:
+        if getattr(exc, "sqlstate", None) == "42P01":  # no table: never ran with this store
+            return [], None
+        return [], f"cannot read the measurements in {driver.name}: {exc}"
+    return [Footprint(*tuple(row)) for row in rows], None
 
 
 @dataclass(frozen=True)
@@ -382,7 +408,7 @@ def auto_lines(loaded: LoadedConfig) -> list[str]:
     ]
     if not wanted:
         return []
-    rows, problem = read_footprints(loaded.config.server.data_dir)
+    rows, problem = read_footprints(loaded.config.server.data_dir, loaded.config.store)
     lines = [auto_line(plan_scheme(loaded, m, s, rows)) for m, s in wanted]
     return [problem, *lines] if problem else lines
 
