@@ -387,6 +387,86 @@ async def test_llm_manager_node_joins_a_machine(
             node.wait()
 
 
+async def test_a_cluster_with_token_authentication(
+    tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
+) -> None:
+    """llm-manager node --head --token-file starts a cluster that only token holders join:
+    a manager with cluster.auth_token_file runs its model there, one without is refused."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    host = ray_cluster["cluster"].address.split(":")[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("a-cluster-token-0123456789abcdef0123456789\n")
+    env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2")
+    head_argv = [
+        sys.executable, "-m", "llm_manager", "node", "--head", "--port", str(port), "--name", "secure",
+        "--token-file", str(token), "--block",
+        "--", "--num-cpus", "1", "--object-store-memory", "100000000", "--include-dashboard", "false",
+    ]  # fmt: skip
+    with (tmp_path / "head.log").open("w") as out:
+        head = subprocess.Popen(head_argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    managers: list[subprocess.Popen[bytes]] = []
+
+    def serve(name: str, cluster: dict[str, Any]) -> subprocess.Popen[bytes]:
+        data = _data(
+            tmp_path / name,
+            ray_cluster,
+            {"m": _model(0, "--spawn-log", str(spawn_log), key="cpu", auto_start=True)},
+        )
+        data["cluster"] = cluster
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        with (tmp_path / f"{name}.log").open("w") as errors:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "llm_manager",
+                    "serve",
+                    "--config",
+                    str(path),
+                    "--port",
+                    "0",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                env=env,
+            )
+        managers.append(proc)
+        return proc
+
+    try:
+        address = f"{host}:{port}"
+        serve("holder", {"address": address, "auth_token_file": str(token)})
+        deadline = time.monotonic() + 90
+        while not read_pids(spawn_log):
+            assert head.poll() is None, (tmp_path / "head.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "holder.log").read_text()
+            await asyncio.sleep(0.2)
+        assert "on node secure" in (tmp_path / "holder.log").read_text()
+        stranger = serve("stranger", {"address": address, "connect_timeout": "5s"})
+        code = await asyncio.to_thread(stranger.wait, 60)
+        said = (tmp_path / "stranger.log").read_text()
+        assert code == 1, said
+        assert "cannot serve:" in said and address in said
+    finally:
+        for proc in [*managers, head]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*managers, head]:
+            try:
+                await asyncio.to_thread(proc.wait, 40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 async def test_a_removed_node_fails_over(
     tmp_path: Path, ray_cluster: dict[str, Any], spawn_log: Path
 ) -> None:

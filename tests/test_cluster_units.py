@@ -314,6 +314,7 @@ def test_the_node_command_advertises_the_devices() -> None:
         "llm-manager/node": "gpu-1",
         "llm-manager/gpus": "2",
         "llm-manager/gpu-mib": "4096",
+        "llm-manager/gpu-name": "RTX-4060",
     }
     assert [d.index for d in planned.declared] == [0, 3]
     assert '"memory_total_mib": 8188' in planned.env["LLM_MANAGER_NODE_DEVICES"]

@@ -90,6 +90,9 @@ def plan(
     own["llm-manager/gpus"] = str(count)
     if memory:
         own["llm-manager/gpu-mib"] = str(min(memory))  # the smallest GPU's memory
+    names = [d.name for d in gpus] + [d.name for d in declared]
+    if names:  # the first GPU's name, in the letters a label value may hold
+        own["llm-manager/gpu-name"] = re.sub(r"[^A-Za-z0-9_.-]+", "-", names[0]).strip("-._")[:63]
     beside = Path(sys.executable).with_name("ray")  # the venv's, when it is not on PATH
     ray = str(beside) if beside.is_file() else shutil.which("ray") or "ray"
     argv = [ray, "start"]

@@ -71,10 +71,11 @@ class RayCluster:
     @classmethod
     def connect(cls, config: ClusterConfig) -> RayCluster:
         """Join the cluster (blocks: call in a thread)."""
-        cluster = cls(config)
-        ray = cluster._ray
+        # Before Ray is imported: it reads its authentication settings once, at import.
         os.environ.update(auth_environment(config.auth_token_file))
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        cluster = cls(config)
+        ray = cluster._ray
         if not ray.is_initialized():
             ray.init(
                 address=config.address,
