@@ -674,7 +674,8 @@ class ModelRuntime:
             return  # a stop or a failing start handles it
         if self._stop_task is not None:
             return  # a stop began just before: it handles it
-        reason = f"process {proc.describe_exit(code)}"
+        # A cluster engine says where it ran, or that its node left.
+        reason = f"process exited with code {code}" if proc.local else proc.describe_exit(code)
         self.crash_count += 1
         self.log.event(reason)
         # The clean-up is a stop like any other (stop() and a new start wait for it).
