@@ -149,3 +149,19 @@ def test_sighup_and_watch_reload_a_running_manager(tmp_path: Path, spawn_log: Pa
         watcher.proc.terminate()
         assert watcher.proc.wait(30) == 0
     assert not any(alive(p) for p in read_pids(spawn_log))
+
+
+async def test_a_new_store_or_cluster_needs_a_restart(tmp_path: Path, spawn_log: Path) -> None:
+    config = tmp_path / "llm-manager.yaml"
+    write(config, {"m": model(spawn_log)})
+    async with running_manager(resolve_paths(load_file(config))) as mgr:
+        data = yaml.safe_load(config.read_text())
+        data["store"] = "postgresql://llm@db.invalid/x"
+        data["cluster"] = {"address": "10.0.0.5:6379"}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        status, report = await mgr.post("/api/config/reload")
+        assert status == 200, report
+        assert report["restart_needed"] == ["cluster", "store"]
+        # Nothing was joined or opened: the running store and device readings stay.
+        assert mgr.app.cluster is None
+        assert mgr.app.db.status()["store"].endswith("llm-manager.db")

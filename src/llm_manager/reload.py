@@ -61,6 +61,12 @@ class Reloader:
                 if key not in LIVE_SERVER_KEYS
                 and getattr(old_server, key) != getattr(new_server, key)
             )
+            # Joined and opened at start only (docs/cluster.md, docs/store.md).
+            restart_needed += [
+                key
+                for key in ("cluster", "store")
+                if getattr(new.config, key) != getattr(self.loaded.config, key)
+            ]
             if new.config.devices != self.loaded.config.devices:
                 self._monitor.replace(
                     "static", StaticProvider(new.config.devices) if new.config.devices else None
