@@ -28,41 +28,18 @@ def record(
     )
 
 
-def test_migrations_wal_and_records(tmp_path: Path) -> None:
+def test_migrations_and_wal_of_the_file(tmp_path: Path) -> None:
+    """SQLite's own: the file in WAL mode, every migration recorded. What both stores do
+    with records is in test_store_backends.py."""
     db = Database(tmp_path / "x.db")
     assert db.open()
-    store = UsageStore(db)
-    base = 1_699_999_200.0  # on an hour boundary (UTC)
-    store.add(record("a", base + 10, 5, 7))
-    store.add(record("a", base + 3600 + 5, 1, 1, status=500))
-    store.add(record("b", base + 20, 2, 3))
+    UsageStore(db).add(record("a", 1_699_999_200.0, 5, 7))
     assert db.flush()
     with sqlite3.connect(tmp_path / "x.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         versions = conn.execute("SELECT version FROM schema_migrations ORDER BY version")
         assert versions.fetchall() == [(v,) for v, _ in MIGRATIONS]
-    recent = store.recent(limit=2)
-    assert [r["model"] for r in recent] == ["b", "a"]  # newest id first
-    assert store.recent(model="b")[0]["prompt_tokens"] == 2
-    assert len(store.recent(since=base + 3000)) == 1
-    summary = store.summary(since=None, until=None, bucket="hour")
-    assert summary["totals"]["a"] == {
-        "requests": 2,
-        "prompt_tokens": 6,
-        "completion_tokens": 8,
-        "errors": 1,
-        "avg_duration_ms": 1000.0,
-        "avg_ttfb_ms": 10.0,
-    }
-    assert [p["start"] for p in summary["series"]["a"]] == [base, base + 3600]
-    day = store.summary(since=None, until=None, bucket="day", model="a")
-    assert set(day["totals"]) == {"a"} and len(day["series"]["a"]) == 1
     db.close()
-    # Reopening keeps the rows and does not re-run migrations.
-    again = Database(tmp_path / "x.db")
-    assert again.open()
-    assert len(UsageStore(again).recent()) == 3
-    again.close()
 
 
 def test_unopenable_path_keeps_serving(tmp_path: Path) -> None:
@@ -122,17 +99,3 @@ def test_merged_inserts_use_few_distinct_statements() -> None:
     for size in range(1, 700):
         texts |= {sql for sql, _ in merged([(insert, (n,)) for n in range(size)])}
     assert len(texts) == len(MERGE_SIZES)
-
-
-def test_a_thousand_records_in_one_batch_are_all_written(tmp_path: Path) -> None:
-    db = Database(tmp_path / "x.db")
-    assert db.open()
-    store = UsageStore(db)
-    base = 1_700_000_000.0
-    for i in range(1000):
-        store.add(record("m", base + i, i, 1))
-    assert db.flush()
-    rows = store.recent(limit=2000)
-    assert len(rows) == 1000
-    assert sorted(r["prompt_tokens"] for r in rows) == list(range(1000))
-    db.close()

@@ -21,6 +21,7 @@ from llm_manager.config import DeviceConfig
 from llm_manager.devices.base import DeviceProvider, ProviderReport
 from llm_manager.devices.cpu import CpuProvider
 from llm_manager.devices.cuda import CudaProvider
+from llm_manager.devices.monitor import probe_all
 from llm_manager.devices.static import StaticProvider
 from llm_manager.models import launch
 from llm_manager.models.process import ModelProcess
@@ -63,13 +64,7 @@ class NodeAgent:
         self._providers = providers
 
     def probe(self) -> list[ProviderReport]:
-        reports = []
-        for provider in self._providers:
-            try:
-                reports.append(provider.probe())
-            except Exception as exc:  # a broken provider is reported, never raised
-                reports.append(ProviderReport(provider.name, online=False, reason=repr(exc)))
-        return reports
+        return list(probe_all(self._providers))
 
 
 class EngineHost:

@@ -60,10 +60,15 @@ class DeviceMonitor:
             self._latest = task.result()
 
     def _probe_all(self) -> Snapshot:
-        reports = []
-        for provider in self._providers:
-            try:
-                reports.append(provider.probe())
-            except Exception as exc:  # a broken provider is reported, never raised
-                reports.append(ProviderReport(provider.name, online=False, reason=repr(exc)))
-        return Snapshot(time.monotonic(), tuple(reports))
+        return Snapshot(time.monotonic(), probe_all(self._providers))
+
+
+def probe_all(providers: Sequence[DeviceProvider]) -> tuple[ProviderReport, ...]:
+    """Every provider's report (blocks); a provider that raises is reported offline."""
+    reports = []
+    for provider in providers:
+        try:
+            reports.append(provider.probe())
+        except Exception as exc:  # a broken provider is reported, never raised
+            reports.append(ProviderReport(provider.name, online=False, reason=repr(exc)))
+    return tuple(reports)
