@@ -146,6 +146,8 @@ async def test_placed_by_mib_on_the_node_that_fits(
         cluster_view = devices["devices"]["cluster"]
         names = {n["name"] for n in cluster_view["nodes"]}
         assert {"head", "w1", "w2"} <= names
+        _, health = await manager.get("/health")
+        assert {"head", "w1", "w2"} <= set(health["cluster"]["nodes"])
         by_key = {d["key"]: d for d in cluster_view["info"]["devices"]}
         assert by_key["w2/static:Fake GPU B"]["node"] == "w2"
         assert by_key["w2/static:Fake GPU B"]["memory_total"] == 48000

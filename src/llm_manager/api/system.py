@@ -30,12 +30,16 @@ def router(
     async def health() -> dict[str, Any]:
         # Still "healthy" when records cannot be written: requests are served all the same;
         # "storage" says what is wrong.
-        return {
+        body = {
             "status": "healthy",
             "models_count": len(supervisor.runtimes),
             "running_models": running_count(supervisor.runtimes),
             "storage": storage(),
         }
+        cluster = supervisor.cluster
+        if cluster is not None:  # cluster mode: the nodes as last listed (no Ray call)
+            body["cluster"] = {"nodes": [n.name for n in cluster.nodes()]}
+        return body
 
     def entry(runtime: ModelRuntime) -> dict[str, Any]:
         return {
