@@ -138,6 +138,11 @@ async def test_placed_by_mib_on_the_node_that_fits(
         assert runtime.host == ray_cluster["cluster"].address.split(":")[0]
         info = await _info(manager, "big")
         assert info["node"] == "w2" and info["status"] == "routing"
+        # Its memory is read by w2's agent, there (the engine's process tree).
+        deadline = time.monotonic() + 15
+        while not manager.supervisor.footprints.current("big").get("cpu"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
         text = _log_text(runtime)
         assert "on node w2" in text
         assert "CUDA_VISIBLE_DEVICES=0" in text  # as the planner decided, from the engine itself

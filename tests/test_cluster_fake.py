@@ -18,6 +18,7 @@ from llm_manager.cluster.remote import HostLost, RemoteEngine
 from llm_manager.config import LoadedConfig, parse_text
 from llm_manager.devices.base import Device, ProviderReport
 from llm_manager.errors import StartFailed
+from llm_manager.models.footprint import read_usages
 from tests.conftest import fake_command, running_manager
 from tests.test_cluster_units import InProcess
 
@@ -70,6 +71,9 @@ class FakeCluster:
         del self.answers[node]
         for calls in self.hosts[node]:
             calls.gone.set()
+
+    def usages(self, node: str, pids: dict[str, int]) -> dict[str, dict[str, int]]:
+        return read_usages(pids, [])  # the "node" is this machine
 
     def close(self) -> None:
         pass
@@ -130,6 +134,11 @@ async def test_placement_by_mib_labels_and_refusal(tmp_path: Path, cluster: Fake
         assert status == 503 and "a node with zone=z" in str(body)
         _, info = await manager.get("/api/models/big/info")
         assert info["model"]["node"] == "b"
+        # Its memory is measured on its node: system memory under the plain host key.
+        deadline = time.monotonic() + 10
+        while not sup.footprints.current("big").get("cpu"):
+            assert time.monotonic() < deadline, sup.footprints.current("big")
+            await asyncio.sleep(0.1)
 
 
 async def test_a_lost_node_fails_its_model_and_auto_start_places_it_again(

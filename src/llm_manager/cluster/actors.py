@@ -24,6 +24,7 @@ from llm_manager.devices.cuda import CudaProvider
 from llm_manager.devices.monitor import probe_all
 from llm_manager.devices.static import StaticProvider
 from llm_manager.models import launch
+from llm_manager.models.footprint import read_usages
 from llm_manager.models.process import ModelProcess
 from llm_manager.models.reaper import Reaper
 
@@ -65,6 +66,11 @@ class NodeAgent:
 
     def probe(self) -> list[ProviderReport]:
         return list(probe_all(self._providers))
+
+    def usages(self, pids: dict[str, int]) -> dict[str, dict[str, int]]:
+        """What the engines on this node hold (footprint.read_usages, run here)."""
+        devices = [d for r in probe_all(self._providers) if r.online for d in r.devices]
+        return read_usages(pids, devices)
 
 
 class EngineHost:

@@ -54,6 +54,10 @@ class Cluster(Protocol):
         """Every live node's device readings; nodes that do not answer in time are left
         out. Blocks: called in a thread."""
 
+    def usages(self, node: str, pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
+        """What each model's engine (name -> its PID on that node) holds there, read by the
+        node's agent, by the node's own device keys ("cpu", "cuda:0"). Blocks."""
+
     async def host(self, node: str, model: str) -> RemoteEngine:
         """An engine host on that node, ready for a start (StartFailed when it cannot be)."""
 

@@ -145,6 +145,20 @@ class RayCluster:
                     self._agents.pop(node.node_id, None)
         return out
 
+    def usages(self, node: str, pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
+        info = next((n for n in self._nodes if n.name == node), None)
+        agent = self._agents.get(info.node_id) if info is not None else None
+        if agent is None:
+            return {}  # not probed yet, or gone: no reading this time
+        try:
+            found: dict[str, dict[str, int]] = self._ray.get(
+                agent.usages.remote(dict(pids)), timeout=self._config.probe_timeout
+            )
+        except Exception as exc:  # the node died or is slow: skipped, as a failed reading
+            log.debug("no memory reading from node %s: %s", node, exc)
+            return {}
+        return found
+
     async def host(self, node: str, model: str) -> RemoteEngine:
         info = next((n for n in self._nodes if n.name == node), None)
         if info is None:

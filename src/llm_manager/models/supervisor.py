@@ -23,7 +23,7 @@ from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy, StartFailed
 from llm_manager.logs import LogBook
 from llm_manager.models import launch, scheduler
-from llm_manager.models.footprint import FootprintBook, definition_of, read_usages
+from llm_manager.models.footprint import HOST_KEY, FootprintBook, definition_of, read_usages
 from llm_manager.models.pinning import pinned_conflict
 from llm_manager.models.reaper import Reaper
 from llm_manager.models.registry import Registry
@@ -539,6 +539,16 @@ class Supervisor:
         self._fits.pop(name, None)
         self.footprints.end(name)
 
+    def _node_reading(self, name: str, node: str, usage: dict[str, int]) -> dict[str, int]:
+        """A node's reading under the cluster's device keys; its system memory under the
+        plain host key when the scheme has no "cpu" device (as on one machine)."""
+        placed = set(self.placed_on(name).values())
+        out = {}
+        for key, mib in usage.items():
+            qualified = f"{node}/{key}"
+            out[qualified if key != HOST_KEY or qualified in placed else HOST_KEY] = mib
+        return out
+
     def booked(self, name: str) -> dict[str, int]:
         """MiB booked by a model holding memory, by its scheme's device keys ({} if none)."""
         fit = self._fits.get(name)
@@ -673,25 +683,40 @@ class Supervisor:
     async def _measure_loop(self) -> None:
         """Read what each running model's processes hold, for the footprint book."""
         while True:
-            active = [r for r in self.runtimes if r.local_pid is not None and r.name in self._fits]
+            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
             loading = any(r.state is not State.ROUTING for r in active)
             period = MEASURE_LOADING if loading or not active else MEASURE_SERVING
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._measure_now.wait(), period)
                 await asyncio.sleep(MEASURE_GAP)  # changes come in bursts: one reading
             self._measure_now.clear()
-            active = [r for r in self.runtimes if r.local_pid is not None and r.name in self._fits]
+            active = [r for r in self.runtimes if r.pid is not None and r.name in self._fits]
             if active:
                 with contextlib.suppress(Exception):  # a failed reading is skipped, not fatal
                     await self.measure(active)
 
     async def measure(self, runtimes: list[ModelRuntime]) -> None:
-        snap = await self.monitor.snapshot(max_age=MEASURE_SERVING)
-        pids = {r.name: pid for r in runtimes if (pid := r.local_pid) is not None}
-        readings = await asyncio.to_thread(read_usages, pids, snap.devices)
+        pids = {r.name: pid for r in runtimes if (pid := r.pid) is not None}
+        readings: dict[str, dict[str, int]] = {}
+        local = {r.name: pids[r.name] for r in runtimes if r.name in pids and r.node is None}
+        if local:
+            snap = await self.monitor.snapshot(max_age=MEASURE_SERVING)
+            readings.update(await asyncio.to_thread(read_usages, local, snap.devices))
+        nodes: dict[str, dict[str, int]] = {}
+        for r in runtimes:
+            if r.name in pids and r.node is not None:
+                nodes.setdefault(r.node, {})[r.name] = pids[r.name]
+        cluster = self.cluster
+        for node, on_node in nodes.items():
+            if cluster is None:
+                break
+            # Read by the node's agent, there; keys made the cluster's ("w1/cuda:0").
+            found = await asyncio.to_thread(cluster.usages, node, on_node)
+            for name, held in found.items():
+                readings[name] = self._node_reading(name, node, held)
         for runtime in runtimes:
             usage = readings.get(runtime.name)
-            if not usage or runtime.local_pid != pids.get(runtime.name):
+            if not usage or runtime.pid != pids.get(runtime.name):
                 continue  # gone, or restarted while it was read
             for warning in self.footprints.record(runtime.name, usage, runtime.serving):
                 runtime.log.event(f"memory: {warning}")
