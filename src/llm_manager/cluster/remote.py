@@ -44,8 +44,6 @@ class HostCalls(Protocol):
 class RemoteEngine:
     """One engine on a node. Methods must be called from the event loop."""
 
-    local = False
-
     def __init__(self, node: str, address: str, calls: HostCalls) -> None:
         self.node: str | None = node
         self.address = address

@@ -102,9 +102,7 @@ def build(
         else:
             argv = _script_argv(script)
     elif remote:
-        raw = scheme.command or ""
-        parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
-        argv = [substitute(p, values) for p in parts]
+        argv = split_command(scheme.command or "", values)
     else:
         argv = command_argv(scheme.command or "", values, env, cwd, base_dir)
     written = [describe(scheme), scheme.cwd or "", *scheme.env.values()]
@@ -119,6 +117,12 @@ def build(
     )
 
 
+def split_command(raw: str | Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """A command (a shell-like line or a list) as arguments, placeholders filled in."""
+    parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
+    return [substitute(p, values) for p in parts]
+
+
 def command_argv(
     raw: str | Sequence[str],
     values: Mapping[str, str],
@@ -128,8 +132,7 @@ def command_argv(
 ) -> list[str]:
     """A command (a shell-like line or a list) as the argv to run, placeholders filled in;
     StartFailed when its program cannot be found."""
-    parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
-    argv = [substitute(p, values) for p in parts]
+    argv = split_command(raw, values)
     if argv[0] == "llm-manager":
         # Our own engine: run it with this interpreter, whether or not the venv's bin
         # directory is on PATH (it is not under `make run`).

@@ -28,8 +28,7 @@ class EngineProcess(Protocol):
 
     pid: int
     pgid: int
-    local: bool
-    node: str | None
+    node: str | None  # None: on this machine (its PID can be read and signalled here)
     lost: str | None
 
     @property
@@ -66,10 +65,7 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
 class ModelProcess:
     """One spawned process group. Methods must be called from the event loop."""
 
-    # On this machine (its PID can be read and signalled here); a cluster engine
-    # (cluster/remote.py) is not.
-    local = True
-    node: str | None = None
+    node: str | None = None  # on this machine; a cluster engine (cluster/remote.py) is not
     lost: str | None = None  # a cluster engine's node that left: why it ended
 
     def __init__(self, proc: asyncio.subprocess.Process, readers: list[_OutputReader]) -> None:

@@ -184,7 +184,7 @@ class ModelRuntime:
     def local_pid(self) -> int | None:
         """The PID when the engine runs on this machine (its memory can be read here)."""
         proc = self._proc
-        return proc.pid if proc is not None and proc.local else None
+        return proc.pid if proc is not None and proc.node is None else None
 
     @property
     def node(self) -> str | None:
@@ -629,7 +629,7 @@ class ModelRuntime:
     def _adopt(self, proc: EngineProcess, run: _Run) -> None:
         self._proc = proc
         self._run = run
-        if proc.local:  # a cluster engine's node has its own reaper (cluster/actors.py)
+        if proc.node is None:  # a cluster engine's node has its own reaper (cluster/actors.py)
             self._reaper.watch(proc.pgid)
             self._runstate.add(self.name, proc.pid, proc.pgid, stop=self._stop_record(run, proc))
         self._watch_task = asyncio.create_task(self._watch(proc, run), name=f"watch {self.name}")
@@ -659,7 +659,7 @@ class ModelRuntime:
             self.engine_auth = None
             if self.spec.port is None:
                 self.port = None  # a new free port is chosen at the next start
-        if proc.local:
+        if proc.node is None:
             self._reaper.forget(proc.pgid)
             self._runstate.remove(self.name)
         self._placer.release(self.name)
@@ -675,7 +675,9 @@ class ModelRuntime:
         if self._stop_task is not None:
             return  # a stop began just before: it handles it
         # A cluster engine says where it ran, or that its node left.
-        reason = f"process exited with code {code}" if proc.local else proc.describe_exit(code)
+        reason = (
+            f"process exited with code {code}" if proc.node is None else proc.describe_exit(code)
+        )
         self.crash_count += 1
         self.log.event(reason)
         # The clean-up is a stop like any other (stop() and a new start wait for it).

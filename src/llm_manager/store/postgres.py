@@ -66,8 +66,7 @@ class Row(tuple[Any, ...]):
 
 
 class _Wrapped:
-    """A psycopg connection that takes SQLite's SQL (``?``) and Python booleans for
-    SQLite's integer flags."""
+    """A psycopg connection that takes SQLite's SQL (``?``)."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
@@ -77,13 +76,11 @@ class _Wrapped:
         return bool(self._conn.closed) or bool(self._conn.broken)
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> Any:
-        values = [int(v) if isinstance(v, bool) else v for v in params]
-        return self._conn.execute(_translated(sql), values, prepare=False)
+        return self._conn.execute(_translated(sql), params, prepare=False)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        values = [[int(v) if isinstance(v, bool) else v for v in row] for row in rows]
         with self._conn.cursor() as cursor:
-            cursor.executemany(_translated(sql), values)
+            cursor.executemany(_translated(sql), rows)
 
     def close(self) -> None:
         self._conn.close()
@@ -110,7 +107,10 @@ class PostgresDriver:
             raise MissingDriver(
                 "a PostgreSQL store needs psycopg: pip install 'llm-manager[postgres]'"
             ) from None
+        from psycopg.types.numeric import IntDumper
+
         self._psycopg = psycopg
+        self._int_dumper = IntDumper
         self.url = url
         self.name = redacted(url)
         self.errors: tuple[type[BaseException], ...] = (psycopg.Error,)
@@ -123,6 +123,8 @@ class PostgresDriver:
             row_factory=_row_factory,
             application_name="llm-manager-writer" if writer else "llm-manager",
         )
+        # SQLite's flags are integer columns (``stream``): Python booleans go as integers.
+        conn.adapters.register_dumper(bool, self._int_dumper)
         return _Wrapped(conn)
 
     # Two managers starting at once must not both run a migration; released at COMMIT.
