@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from llm_manager.api import devices, errors, events, logs, models, openapi, syst
 from llm_manager.asgi import Dispatcher
 from llm_manager.auth import KeyCheck
 from llm_manager.cluster.nodes import Cluster
+from llm_manager.cluster.replica import ControllerLink, ReplicaSupervisor
 from llm_manager.config import ClusterConfig, DeviceConfig, LoadedConfig
 from llm_manager.devices.amd import AmdProvider
 from llm_manager.devices.base import DeviceProvider
@@ -53,6 +56,7 @@ class Application:
         overrides: dict[str, object] | None = None,
         watch: bool = False,
         cluster: Cluster | None = None,
+        link: ControllerLink | None = None,
     ) -> None:
         config = loaded.config
         server = config.server
@@ -75,9 +79,16 @@ class Application:
                 max_lines=server.log_max_lines,
             ),
         )
-        self.supervisor = Supervisor(
-            loaded, self.monitor, http, self.logbook, FootprintStore(self.db), cluster
-        )
+        self.replica = link is not None  # a gateway replica: docs/replicas.md
+        self.supervisor: Supervisor
+        if link is not None:
+            self.supervisor = ReplicaSupervisor(
+                loaded, self.monitor, http, self.logbook, FootprintStore(self.db), cluster, link
+            )
+        else:
+            self.supervisor = Supervisor(
+                loaded, self.monitor, http, self.logbook, FootprintStore(self.db), cluster
+            )
         self.metrics = Metrics(self.supervisor, self.monitor)
         self.reloader = Reloader(
             loaded,
@@ -135,11 +146,14 @@ class Application:
         # keep-alive (4 s) stays below llama.cpp's (5 s), so the pool drops a connection
         # before the engine does. No session-wide timeout: each probe sets its own.
         cluster = await join_cluster(loaded.config.cluster)
+        link = None
+        if cluster is not None and loaded.config.cluster and loaded.config.cluster.replicas:
+            link = await controller_link(cluster, loaded)
         http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
         )
-        return cls(loaded, http, overrides, watch, cluster)
+        return cls(loaded, http, overrides, watch, cluster, link)
 
     def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager
@@ -183,7 +197,8 @@ class Application:
     async def startup(self) -> None:
         self.loaded.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.db.open)
-        await self.logbook.load()
+        if not self.replica:  # a replica shows the controller's log lines, history included
+            await self.logbook.load()
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
         if self._watch:
@@ -236,6 +251,21 @@ async def join_cluster(config: ClusterConfig | None) -> Cluster | None:
         raise ClusterUnavailable(
             f"cannot join the Ray cluster at {config.address}: {exc}"
         ) from None
+
+
+async def controller_link(cluster: Cluster, loaded: LoadedConfig) -> ControllerLink:
+    """A gateway replica's line to the cluster's controller, started here if none runs."""
+    from llm_manager.cluster.ray_backend import RayCluster
+
+    if not isinstance(cluster, RayCluster):
+        raise ClusterUnavailable("gateway replicas need the Ray cluster backend")
+    server = loaded.config.server
+    label = f"{socket.gethostname()}:{server.port} (pid {os.getpid()})"
+    try:
+        handle = await asyncio.to_thread(cluster.controller, loaded)
+    except Exception as exc:
+        raise ClusterUnavailable(f"cannot reach the cluster's controller: {exc}") from None
+    return ControllerLink(handle, label)
 
 
 class ClusterUnavailable(Exception):

@@ -563,6 +563,12 @@ class ClusterConfig(_Strict):
         description="How long a node's device reading may take before the node "
         "is left out of placement.",
     )
+    replicas: bool = Field(
+        False,
+        description="This manager is one of several gateway replicas: the models are run "
+        "by one controller in the cluster that every replica shares (docs/replicas.md). "
+        "Needs a shared store (store: postgresql://...).",
+    )
 
 
 class Config(_Strict):
@@ -593,6 +599,11 @@ class Config(_Strict):
             raise ValueError(
                 "'devices' declares this machine's devices; in cluster mode every node "
                 "declares its own (llm-manager node --device NAME:MIB)"
+            )
+        if self.cluster is not None and self.cluster.replicas and self.store is None:
+            raise ValueError(
+                "cluster.replicas shares the models between gateway replicas; their records "
+                "must be shared too: set store: postgresql://... (docs/replicas.md)"
             )
         if self.cluster is None:
             for name, model in self.models.items():

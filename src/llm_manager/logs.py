@@ -96,6 +96,15 @@ class ModelLog:
         for subscriber in self._subscribers:
             subscriber.offer(line)
 
+    def copy(self, timestamp: float, stream: str, message: str, level: str) -> None:
+        """A line another process logged and keeps (a gateway replica shows the lines of
+        the controller that runs the model): shown and streamed here, not stored again."""
+        self._seq += 1
+        line = LogLine(self._seq, timestamp, stream, message, level)
+        self._lines.append(line)
+        for subscriber in self._subscribers:
+            subscriber.offer(line)
+
     def event(self, message: str) -> None:
         """A lifecycle event of the manager's about this model (also to the manager's log)."""
         log.info("%s: %s", self.model, message)

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from llm_manager import __version__
 from llm_manager.api.views import running_count
+from llm_manager.cluster.replica import ReplicaSupervisor
 from llm_manager.models.runtime import ModelRuntime
 from llm_manager.models.supervisor import Supervisor
 
@@ -38,7 +39,10 @@ def router(
         }
         cluster = supervisor.cluster
         if cluster is not None:  # cluster mode: the nodes as last listed (no Ray call)
-            body["cluster"] = {"nodes": [n.name for n in cluster.nodes()]}
+            shared: dict[str, Any] = {"nodes": [n.name for n in cluster.nodes()]}
+            if isinstance(supervisor, ReplicaSupervisor):
+                shared["controller"] = supervisor.controller_health()
+            body["cluster"] = shared
         return body
 
     def entry(runtime: ModelRuntime) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from llm_manager.cluster import actors
 from llm_manager.cluster.nodes import NodeInfo, node_name
 from llm_manager.cluster.remote import HostLost, RemoteEngine
-from llm_manager.config import ClusterConfig
+from llm_manager.config import ClusterConfig, LoadedConfig
 from llm_manager.devices.base import ProviderReport
 from llm_manager.errors import StartFailed
 
@@ -174,6 +175,36 @@ class RayCluster:
             calls.discard()
             raise StartFailed(f"no engine host could be placed on node {node}: {exc}") from None
         return RemoteEngine(info.name, info.address, calls)
+
+    def controller(self, loaded: LoadedConfig) -> Any:
+        """The controller of gateway replicas (cluster/controller.py): the one running in
+        the namespace, else one started now with this configuration, detached (it outlives
+        any replica), on this node. Blocks: call in a thread."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from llm_manager.cluster import controller
+
+        here = self._ray.get_runtime_context().get_node_id()
+        cls = self._ray.remote(num_cpus=0, max_restarts=-1)(controller.Controller)
+        for attempt in range(5):
+            handle = cls.options(
+                name=controller.NAME,
+                get_if_exists=True,
+                lifetime="detached",
+                max_concurrency=1000,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            ).remote(loaded)
+            try:
+                self._ray.get(handle.__ray_ready__.remote(), timeout=HOST_READY_TIMEOUT)
+            except self._ray.exceptions.RayActorError:
+                # One that was ending as it was found (its last replica left): once it
+                # is gone, its name is free for a new one.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
+                continue
+            return handle
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -142,6 +142,7 @@ class ModelRuntime:
         # model with any is busy and is not evicted. ``held`` wait at a closed door.
         self.admitted = 0
         self.held = 0
+        self._elsewhere = (0, 0)  # (pending, admitted) on gateway replicas: count_elsewhere
         # Set by the supervisor while another model waits for this one's memory: from this
         # time on, new requests are held until the model has been swapped out (its turn).
         self.turn_ends: float | None = None
@@ -303,6 +304,20 @@ class ModelRuntime:
     def release(self) -> None:
         self.pending -= 1
         self.last_used = time.monotonic()
+
+    def count_elsewhere(self, pending: int, admitted: int, used: bool) -> None:
+        """The controller of gateway replicas (cluster/controller.py): the requests the live
+        replicas count for this model, summed, counted as if they were this runtime's own
+        (idle unload and eviction wait for them); ``used``: some began since last told."""
+        old_pending, old_admitted = self._elsewhere
+        if (pending, admitted) == (old_pending, old_admitted) and not used and not pending:
+            return
+        self._elsewhere = (pending, admitted)
+        self.pending += pending - old_pending
+        self.admitted += admitted - old_admitted
+        self.last_used = time.monotonic()
+        if admitted != old_admitted and not self.admitted and self.turn_ends is not None:
+            self._placer.changed()  # a model waiting for this one's memory may go now
 
     def try_admit(self) -> bool:
         """Let a request through the turn door unless the model's turn is over."""

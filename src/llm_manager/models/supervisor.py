@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -109,6 +110,7 @@ class Supervisor:
         self._placement_lock = asyncio.Lock()
         self.turns = Turns()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._quieting: set[str] = set()  # models an idle stop is being confirmed for
         settings = _runtime_settings(loaded)
         self.registry: Registry[ModelRuntime] = Registry(
             (name, list(spec.aliases), self._new_runtime(name, spec, settings))
@@ -299,13 +301,19 @@ class Supervisor:
             if blockers:
                 self._note_wait(runtime, wait, blockers)
                 return None
-            evicted.update(victims)
-            for name in victims:
-                log.info("evicting %s to make room for %s", name, runtime.name)
-            runtime.log.event(f"evicting {', '.join(victims)} to make room")
-            await asyncio.gather(
-                *(self.resolve(v).stop(f"evicted to make room for {runtime.name}") for v in victims)
-            )
+            async with self.quiesced(victims) as going:
+                if not going:  # each was used meanwhile (another replica): plan again
+                    continue
+                evicted.update(going)
+                for name in going:
+                    log.info("evicting %s to make room for %s", name, runtime.name)
+                runtime.log.event(f"evicting {', '.join(going)} to make room")
+                await asyncio.gather(
+                    *(
+                        self.resolve(v).stop(f"evicted to make room for {runtime.name}")
+                        for v in going
+                    )
+                )
             settle_until = time.monotonic() + MEMORY_SETTLE_SECONDS
 
     def _plan(
@@ -463,16 +471,20 @@ class Supervisor:
                 and not r.admitted
                 and wanted & set(self._fits.get(r.name, Fit("", {}, {})).needs)
             ]
-            for victim in victims:
-                log.info(
-                    "evicting %s: %s ran out of memory while starting", victim.name, runtime.name
+            async with self.quiesced([v.name for v in victims]) as going:
+                victims = [v for v in victims if v.name in going]
+                for victim in victims:
+                    log.info(
+                        "evicting %s: %s ran out of memory while starting",
+                        victim.name,
+                        runtime.name,
+                    )
+                await asyncio.gather(
+                    *(
+                        v.stop(f"evicted: {runtime.name} ran out of memory while starting")
+                        for v in victims
+                    )
                 )
-            await asyncio.gather(
-                *(
-                    v.stop(f"evicted: {runtime.name} ran out of memory while starting")
-                    for v in victims
-                )
-            )
             if victims:
                 await self._settle(fit)
         return [v.name for v in victims], await self.describe_memory(fit)
@@ -674,11 +686,34 @@ class Supervisor:
             await asyncio.sleep(tick)
             now = time.monotonic()
             for runtime in self.runtimes:
+                if runtime.name in self._quieting:
+                    continue  # asked already, not answered yet
+                if runtime.restart_due or runtime.idle_due(now):
+                    self._quieting.add(runtime.name)
+                    self._spawn(self._unload_idle(runtime), f"idle stop {runtime.name}")
+
+    async def _unload_idle(self, runtime: ModelRuntime) -> None:
+        """Stop an idle model (or restart one whose definition changed), unless it was used
+        while that was confirmed (gateway replicas: ``quiesced``)."""
+        try:
+            async with self.quiesced([runtime.name]) as going:
+                now = time.monotonic()
+                if not going:
+                    return
                 if runtime.restart_due:
-                    self._spawn(runtime.restart_for_config(), f"reconfigure {runtime.name}")
+                    await runtime.restart_for_config()
                 elif runtime.idle_due(now):
                     minutes = runtime.idle_timeout / 60
-                    self._spawn(runtime.stop(f"idle {minutes:g} min"), f"idle stop {runtime.name}")
+                    await runtime.stop(f"idle {minutes:g} min")
+        finally:
+            self._quieting.discard(runtime.name)
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self, names: Sequence[str]) -> AsyncIterator[list[str]]:
+        """Of the models about to be stopped as unused (idle, evicted), those that may go.
+        One manager sees every request itself: all of them. The controller of gateway
+        replicas first makes every replica stop routing to them (cluster/controller.py)."""
+        yield list(names)
 
     async def _measure_loop(self) -> None:
         """Read what each running model's processes hold, for the footprint book."""

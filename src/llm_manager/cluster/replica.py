@@ -1,0 +1,290 @@
+"""A gateway replica (docs/replicas.md): its models are run by the cluster's controller
+(cluster/controller.py); it routes requests to them and counts them.
+
+Each model here is a ``ReplicaRuntime``: the request side of a runtime (counts, the turn
+door, the concurrency gate) is its own, its state is the controller's as last reported.
+A request for a model seen routing (and not draining) goes straight to the engine; any
+other asks the controller, which starts the model once for every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from llm_manager.cluster.nodes import Cluster
+from llm_manager.cluster.shared import (
+    REPLICA_TTL,
+    SYNC_PERIOD,
+    Answer,
+    Counts,
+    ModelView,
+    Report,
+    SyncReply,
+)
+from llm_manager.config import LoadedConfig, ModelConfig
+from llm_manager.devices.monitor import DeviceMonitor
+from llm_manager.errors import ModelUnavailable
+from llm_manager.logs import LogBook
+from llm_manager.models.runtime import ModelRuntime, RuntimeSettings, State
+from llm_manager.models.supervisor import Supervisor
+from llm_manager.store.footprints import FootprintStore
+
+log = logging.getLogger(__name__)
+
+
+class ControllerLink:
+    """The controller's methods as coroutines; a controller that cannot be reached (ended,
+    restarting) is a 503 for the request that needed it."""
+
+    def __init__(self, handle: Any, label: str) -> None:
+        self._handle = handle
+        self.replica = uuid.uuid4().hex
+        self.label = label
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._handle, method).remote(*args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise ModelUnavailable(
+                "the cluster's controller cannot be reached",
+                text[0] if text else type(exc).__name__,
+            ) from None
+
+
+class ReplicaRuntime(ModelRuntime):
+    def __init__(self, *args: Any, link: ControllerLink, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._link = link
+        self._view: ModelView | None = None
+        self._stamp = 0  # of the view shown: an older one is ignored
+        self._draining = False
+        self.requests = 0  # begun here (the controller sees a rise as use)
+
+    @property
+    def pid(self) -> int | None:
+        return self._view.pid if self._view is not None else None
+
+    @property
+    def local_pid(self) -> int | None:
+        return None  # never this process's child
+
+    @property
+    def node(self) -> str | None:
+        return self._view.node if self._view is not None else None
+
+    @property
+    def view(self) -> ModelView | None:
+        return self._view
+
+    def idle_seconds(self, now: float | None = None) -> float:
+        return self._view.idle_seconds if self._view is not None else 0.0
+
+    def acquire(self) -> None:
+        super().acquire()
+        self.requests += 1
+
+    def new_epoch(self) -> None:
+        self._stamp = 0
+
+    def show(self, view: ModelView, stamp: int) -> None:
+        """Take the controller's view of the model, unless a newer one is shown already."""
+        if stamp <= self._stamp:
+            return
+        self._stamp = stamp
+        self._view = view
+        self._draining = view.draining
+        self._state = State(view.state)
+        self.host = view.host
+        self.port = view.port
+        auth = view.auth
+        self.engine_auth = (b"authorization", auth.encode()) if auth is not None else None
+        self.scheme = view.scheme
+        self.failure_reason = view.failure_reason
+        self.stop_reason = view.stop_reason
+        self.stops = view.stops
+        self.start_count = view.start_count
+        self.crash_count = view.crash_count
+        self.node_losses = view.node_losses
+        self.last_start_seconds = view.last_start_seconds
+        self.waiting_for = view.waiting_for
+        left = view.turn_left
+        self.set_turn_end(None if left is None else time.monotonic() + left)
+
+    def _take(self, answer: Answer) -> None:
+        if answer.failure is not None:
+            raise answer.failure.error()
+        if answer.view is not None:
+            self.show(answer.view, answer.stamp)
+
+    async def ensure_ready(self) -> str:
+        while True:
+            if self._state is State.ROUTING and not self._draining and self.port is not None:
+                return self.base_url
+            self._start_waiters += 1
+            try:
+                answer: Answer = await self._link.call("ensure", self.name)
+            finally:
+                self._start_waiters -= 1
+            self._take(answer)
+            view = answer.view
+            if view is not None and view.state == State.ROUTING and not view.draining:
+                # Shown even if a newer sync reply overtook it: the controller said ready.
+                return f"http://{view.host}:{view.port}"
+
+    async def stop(self, reason: str = "requested") -> bool:
+        answer: Answer = await self._link.call("stop", self.name, reason)
+        self._take(answer)
+        return answer.stopped
+
+    async def restart_for_config(self) -> None:
+        return None  # the controller restarts it
+
+
+class ReplicaSupervisor(Supervisor):
+    """The supervisor of a gateway replica: the registry and the planner's preview are its
+    own; starting, stopping and the memory ledger are the controller's."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        monitor: DeviceMonitor,
+        http: aiohttp.ClientSession,
+        logbook: LogBook,
+        footprints: FootprintStore | None,
+        cluster: Cluster | None,
+        link: ControllerLink,
+    ) -> None:
+        self.link = link
+        super().__init__(loaded, monitor, http, logbook, footprints, cluster)
+        self._epoch = ""
+        self._seen = 0  # the stamp of the newest sync reply applied
+        self._marks: dict[str, int] = {}  # per model, the controller's log seq copied
+        self.replicas = 0  # live replicas, as the controller last said
+        self.reached: float | None = None  # when the controller last answered a sync
+
+    def _new_runtime(self, name: str, spec: ModelConfig, settings: RuntimeSettings) -> ModelRuntime:
+        book = self._logbook
+        model_log = book.get(name) if book.has(name) else book.create(name)
+        return ReplicaRuntime(
+            name,
+            spec,
+            settings,
+            placer=self,
+            log=model_log,
+            http=self._http,
+            reaper=self._reaper,
+            runstate=self._runstate,
+            link=self.link,
+        )
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.footprints.load)
+        await self._sync_once()  # the controller is started (or found) before serving
+        self._spawn(self._sync_loop(), "replica sync")
+        self._spawn(self._read_estimates(self.runtimes), "memory estimates")
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.link.call("leave", self.link.replica)
+        except ModelUnavailable as exc:
+            log.warning("could not tell the controller this replica leaves: %s", exc.detail)
+
+    def reload(self, loaded: LoadedConfig) -> dict[str, list[str]]:
+        report = super().reload(loaded)
+        self._spawn(self.link.call("reload", loaded), "controller reload")
+        return report
+
+    async def stop_all(self, reason: str = "stop-all requested") -> list[str]:
+        stopped: list[str] = await self.link.call("stop_all", reason)
+        return stopped
+
+    async def restart_autostart(self) -> tuple[list[str], dict[str, str]]:
+        done: tuple[list[str], dict[str, str]] = await self.link.call("restart_autostart")
+        return done
+
+    def booked(self, name: str) -> dict[str, int]:
+        view = self._view_of(name)
+        return dict(view.booked) if view is not None else {}
+
+    def placed_on(self, name: str) -> dict[str, str]:
+        view = self._view_of(name)
+        return dict(view.placed_on) if view is not None else {}
+
+    def _view_of(self, name: str) -> ModelView | None:
+        runtime = self.registry.get(name)
+        return runtime.view if isinstance(runtime, ReplicaRuntime) else None
+
+    def controller_health(self) -> dict[str, Any]:
+        """For /health: whether the controller answers, and how many replicas it counts."""
+        reached = self.reached
+        ago = None if reached is None else round(time.monotonic() - reached, 2)
+        return {
+            "ok": ago is not None and ago < REPLICA_TTL,
+            "answered_seconds_ago": ago,
+            "replicas": self.replicas,
+        }
+
+    # --- the sync with the controller -------------------------------------------------
+
+    def _report(self) -> Report:
+        counts = {}
+        for runtime in self.runtimes:
+            if isinstance(runtime, ReplicaRuntime):
+                counts[runtime.name] = Counts(runtime.pending, runtime.admitted, runtime.requests)
+        return Report(self.link.replica, self.link.label, self._seen, counts, dict(self._marks))
+
+    def _apply(self, reply: SyncReply) -> None:
+        if reply.epoch != self._epoch:
+            if self._epoch:
+                log.warning("the controller restarted: its models were started afresh")
+            self._epoch = reply.epoch
+            self._marks.clear()
+            for runtime in self.runtimes:
+                if isinstance(runtime, ReplicaRuntime):
+                    runtime.new_epoch()
+        for name, view in reply.models.items():
+            shown = self.registry.get(name)
+            if isinstance(shown, ReplicaRuntime):
+                shown.show(view, reply.stamp)
+        for name, lines in reply.logs.items():
+            if not lines:
+                continue
+            copied = self.registry.get(name)
+            if copied is not None:
+                for line in lines:
+                    copied.log.copy(line.timestamp, line.stream, line.message, line.level)
+            self._marks[name] = lines[-1].seq
+        self.replicas = reply.replicas
+        self.reached = time.monotonic()
+        self._seen = reply.stamp  # only now: every view of this reply is shown
+
+    async def _sync_once(self) -> None:
+        reply: SyncReply = await self.link.call("sync", self._report())
+        self._apply(reply)
+
+    async def _sync_loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(SYNC_PERIOD)
+            try:
+                await self._sync_once()
+            except ModelUnavailable as exc:
+                if not failing:
+                    log.error("%s: %s", exc.message, exc.detail)
+                failing = True
+                continue
+            if failing:
+                log.warning("the controller answers again")
+            failing = False
