@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from llm_manager.cluster.nodes import Cluster
 from llm_manager.cluster.shared import (
     LOG_LINES_PER_REPLY,
     ORPHAN_SECONDS,
@@ -242,9 +243,10 @@ def log_book(db: Database, loaded: LoadedConfig) -> LogBook:
 class _Core:
     """Everything the controller runs, built on its first call (inside its event loop)."""
 
-    def __init__(self, loaded: LoadedConfig, epoch: str) -> None:
+    def __init__(self, loaded: LoadedConfig, epoch: str, cluster: Cluster | None) -> None:
         self.loaded = loaded
         self.epoch = epoch
+        self._given = cluster
         self.replicas = Replicas()
         self.tasks: list[asyncio.Task[None]] = []
         self.supervisor: SharedSupervisor | None = None
@@ -255,8 +257,13 @@ class _Core:
         config = self.loaded.config
         assert config.cluster is not None  # a controller exists in cluster mode only
         server = config.server
-        self.cluster = await asyncio.to_thread(RayCluster.connect, config.cluster)
-        monitor = DeviceMonitor([ClusterProvider(self.cluster)])
+        cluster: Cluster
+        if self._given is not None:
+            cluster = self._given
+        else:
+            cluster = await asyncio.to_thread(RayCluster.connect, config.cluster)
+        self.cluster = cluster
+        monitor = DeviceMonitor([ClusterProvider(cluster)])
         server.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = for_store(config.store, server.data_dir)
         await asyncio.to_thread(self.db.open)
@@ -271,7 +278,7 @@ class _Core:
             self.http,
             self.logbook,
             FootprintStore(self.db),
-            self.cluster,
+            cluster,
             replicas=self.replicas,
         )
         await self.logbook.load()
@@ -370,8 +377,9 @@ class Controller:
     """The Ray actor (detached, named NAME in the cluster's namespace); every method is
     a coroutine on its event loop, as every method of the supervisor must be."""
 
-    def __init__(self, loaded: LoadedConfig) -> None:
+    def __init__(self, loaded: LoadedConfig, cluster: Cluster | None = None) -> None:
         self._loaded = loaded
+        self._cluster = cluster  # None: join the Ray cluster it runs in (a test's fake)
         self._epoch = uuid.uuid4().hex
         self._core: _Core | None = None
         self._booting: asyncio.Task[_Core] | None = None
@@ -380,7 +388,8 @@ class Controller:
         if self._core is not None:
             return self._core
         if self._booting is None:
-            self._booting = asyncio.create_task(_Core(self._loaded, self._epoch).boot())
+            core = _Core(self._loaded, self._epoch, self._cluster)
+            self._booting = asyncio.create_task(core.boot())
         try:
             self._core = await asyncio.shield(self._booting)
         except Exception:

@@ -1,0 +1,206 @@
+"""The controller and replicas of docs/replicas.md in one process, no Ray: the controller
+runs on the fake cluster of test_cluster_fake.py (real engine processes on this machine),
+and a replica's calls reach it directly. The races of the drain, provoked on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from llm_manager.cluster import controller as controller_module
+from llm_manager.cluster.controller import Controller, Replicas, SharedSupervisor
+from llm_manager.cluster.replica import ControllerLink, ReplicaRuntime, ReplicaSupervisor
+from llm_manager.cluster.shared import REPLICA_TTL, Counts, Failure, Report
+from llm_manager.config import LoadedConfig, parse_text
+from llm_manager.devices.cluster import ClusterProvider
+from llm_manager.devices.monitor import DeviceMonitor
+from llm_manager.errors import DeviceUnavailable, ModelBusy, ModelNotFound
+from llm_manager.logs import LogBook, LogSettings
+from tests.conftest import fake_command, read_pids
+from tests.test_cluster_fake import FakeCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Direct:
+    """An actor handle whose ``method.remote(...)`` calls the object in this process."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return SimpleNamespace(remote=getattr(self._target, name))
+
+
+def _loaded(tmp_path: Path, models: dict[str, Any]) -> LoadedConfig:
+    data = {
+        "server": {"data_dir": str(tmp_path / "data"), "stop_timeout": "2s"},
+        "cluster": {"address": "fake:6379"},
+        "models": models,
+    }
+    return LoadedConfig(parse_text(yaml.safe_dump(data, sort_keys=False), "test"), "test", tmp_path)
+
+
+def _model(spawn_log: Path, mib: int = 1000, **extra: Any) -> dict[str, Any]:
+    command = fake_command("--spawn-log", str(spawn_log))
+    return {"schemes": {"gpu": {"devices": {"cuda:0": mib}, "command": command}}, **extra}
+
+
+@contextlib.asynccontextmanager
+async def _setup(
+    tmp_path: Path, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Controller, Callable[[], Any]]]:
+    """The controller, and a maker of replicas (ReplicaSupervisors reporting to it)."""
+    monkeypatch.setattr(controller_module, "_exit_actor", lambda: None)
+    cluster = FakeCluster()
+    loaded = _loaded(tmp_path, models)
+    controller = Controller(loaded, cluster)
+    made: list[ReplicaSupervisor] = []
+    async with aiohttp.ClientSession() as http:
+
+        async def replica() -> ReplicaSupervisor:
+            link = ControllerLink(Direct(controller), f"replica {len(made)}")
+            logbook = LogBook(None, LogSettings(1000, 0, 0))
+            monitor = DeviceMonitor([ClusterProvider(cluster)])
+            sup = ReplicaSupervisor(loaded, monitor, http, logbook, None, cluster, link)
+            await sup.start()
+            made.append(sup)
+            return sup
+
+        try:
+            yield controller, replica
+        finally:
+            for sup in made:
+                await sup.shutdown()  # the last one to leave stops the models
+
+
+async def _shared(controller: Controller) -> SharedSupervisor:
+    return (await controller._get()).sup
+
+
+async def _reported(sup: ReplicaSupervisor) -> None:
+    """Until the replica has applied one more sync reply (and so reported once more)."""
+    seen = sup._seen
+    deadline = time.monotonic() + 5
+    while sup._seen == seen:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_concurrent_starts_from_two_replicas_are_one(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one, two = await replica(), await replica()
+        urls = await asyncio.gather(
+            *(sup.resolve("m").ensure_ready() for sup in (one, two, one, two))
+        )
+        assert len(set(urls)) == 1
+        assert len(read_pids(spawn_log)) == 1
+        assert (await _shared(controller)).resolve("m").start_count == 1
+        await _reported(two)
+        assert two.resolve("m").state.value == "routing" and two.placed_on("m")
+
+
+async def test_a_request_that_races_an_idle_stop_keeps_the_model(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        mine = one.resolve("m")
+        assert isinstance(mine, ReplicaRuntime)
+        await mine.ensure_ready()
+        await _reported(one)
+        # A request begins on the replica, routed straight to the engine, not reported yet,
+        # as the controller decides the model is unused.
+        mine.acquire()
+        async with shared.quiesced(["m"]) as going:
+            assert going == []  # the replica's report, made after it saw the drain, has it
+        assert "m" not in shared.draining
+        mine.release()
+        await _reported(one)
+        async with shared.quiesced(["m"]) as going:
+            assert going == ["m"]
+            assert mine._draining  # seen by the replica before the controller's answer
+            # A request that arrives now asks the controller instead of routing, and
+            # waits for the stop and a start.
+            waiting = asyncio.create_task(mine.ensure_ready())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            assert await shared.resolve("m").stop("unused (test)")
+        await asyncio.wait_for(waiting, 20)
+        assert shared.resolve("m").start_count == 2
+        assert len(read_pids(spawn_log)) == 2
+
+
+async def test_a_silent_replica_stops_counting(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one, two = await replica(), await replica()
+        shared = await _shared(controller)
+        await one.resolve("m").ensure_ready()
+        two.resolve("m").acquire()  # in flight on the replica about to go silent
+        await _reported(two)
+        assert shared.resolve("m").pending == 1
+        for task in list(two._tasks):  # as if SIGKILLed: no more reports, no goodbye
+            task.cancel()
+        began = time.monotonic()
+        async with shared.quiesced(["m"]) as going:
+            waited = time.monotonic() - began
+            # Its word was waited for until it expired; its request ending counts as use.
+            assert going == []
+        assert REPLICA_TTL - 0.5 < waited < REPLICA_TTL + 2.5
+        assert shared.resolve("m").pending == 0
+        async with shared.quiesced(["m"]) as going:
+            assert going == ["m"]
+        two.resolve("m").release()
+
+
+async def test_the_controller_s_refusals_reach_the_replica(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"huge": _model(spawn_log, 100000)}
+    async with _setup(tmp_path, models, monkeypatch) as (controller, replica):
+        one = await replica()
+        with pytest.raises(DeviceUnavailable) as caught:
+            await one.resolve("huge").ensure_ready()
+        assert caught.value.status == 503 and "100000 MiB" in str(caught.value.detail)
+        assert (await controller.ensure("nope")).failure is not None
+        assert read_pids(spawn_log) == []
+
+
+def test_failures_keep_their_kind_and_headers() -> None:
+    busy = Failure.of(ModelBusy("waited", retry_after=7)).error()
+    assert isinstance(busy, ModelBusy) and busy.headers == {"Retry-After": "7"}
+    missing = Failure.of(ModelNotFound("x", ["a"])).error()
+    assert isinstance(missing, ModelNotFound) and missing.status == 404
+    assert missing.detail == "known models: a"
+    assert type(Failure("NoSuchError", "m", None, {}).error()).__name__ == "ModelUnavailable"
+
+
+async def test_replicas_count_use_and_wait_for_their_word() -> None:
+    replicas = Replicas()
+    assert replicas.report(Report("a", "a", 0, {"m": Counts(1, 1, 3)}, {})) == {"m"}
+    assert replicas.report(Report("a", "a", 0, {"m": Counts(0, 0, 3)}, {})) == set()
+    replicas.report(Report("b", "b", 0, {"m": Counts(2, 1, 1)}, {}))
+    assert replicas.totals() == {"m": (2, 1)}
+    mark = replicas.stamp()
+    waiting = asyncio.create_task(replicas.all_seen(mark, 5))
+    replicas.report(Report("a", "a", mark, {}, {}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # b has not said it saw the mark
+    replicas.report(Report("b", "b", mark, {}, {}))
+    await asyncio.wait_for(waiting, 1)
+    assert replicas.expire(time.monotonic() + REPLICA_TTL + 1) == ["a", "b"]
+    assert len(replicas) == 0 and replicas.empty_since is not None
