@@ -335,3 +335,40 @@ def test_the_database_restarted_mid_load_loses_no_acknowledged_row(
     for r in both:
         r.proc.wait(timeout=60)
     assert _count_rows(postgres, config) == len(statuses)
+
+
+def test_a_restarted_controller_serves_the_replicas_again(
+    tmp_path: Path,
+    ray_cluster: dict[str, Any],  # noqa: F811
+    postgres: Any,
+    spawn_log: Path,
+    replicas: Callable[[Path, int], list[Replica]],
+) -> None:
+    import ray
+
+    config = _config(tmp_path, ray_cluster, postgres.new_database(), {"m": _model(spawn_log)})
+    one, two = replicas(config, 2)
+    assert _post(one.url, CHAT)[0] == 200
+    first = read_pids(spawn_log)[0]
+    namespace = yaml.safe_load(config.read_text())["cluster"]["namespace"]
+    ray.init(address=ray_cluster["cluster"].address, namespace=namespace, log_to_driver=False)
+    try:
+        # Its process dies (as if killed); Ray starts it again, empty: its engine hosts
+        # died with it, and their reapers ended the engine.
+        ray.kill(ray.get_actor("llm-manager-controller"), no_restart=False)
+        killed = time.monotonic()
+        _wait(lambda: not alive(first), 15, "the old engine ended with its controller")
+        deadline = time.monotonic() + 60
+        statuses = []
+        while time.monotonic() < deadline:
+            statuses.append(_post(two.url, CHAT, timeout=30)[0])
+            if statuses[-1] == 200:
+                break
+            time.sleep(0.5)
+        assert statuses[-1] == 200, statuses  # started again by the new controller
+        print(f"served again {time.monotonic() - killed:.1f} s after the kill: {statuses}")
+        assert set(statuses) <= {200, 502, 503}, statuses
+        assert len(read_pids(spawn_log)) == 2
+        _wait(lambda: _info(one)["status"] == "routing", 10, "the other replica sees it")
+    finally:
+        ray.shutdown()
