@@ -93,7 +93,7 @@ NGINX_CONF = (
     + """
     open_file_cache max=16;
     server {{
-        listen 127.0.0.1:{port};
+        listen {host}:{port};
         {location}
     }}
 }}
@@ -107,7 +107,9 @@ SSE_LOCATION = """location / {{ error_page 405 =200 /answer.sse; return 405; }}
         location = /answer.sse {{ internal; root {dir}; default_type text/event-stream; }}"""
 
 
-def exec_nginx(nginx: str, workdir: Path, kind: str, port: int, chunks: int) -> None:
+def exec_nginx(
+    nginx: str, workdir: Path, kind: str, port: int, chunks: int, host: str = "127.0.0.1"
+) -> None:
     folder = workdir / f"backend-{kind}-{port}"
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "json":
@@ -116,11 +118,11 @@ def exec_nginx(nginx: str, workdir: Path, kind: str, port: int, chunks: int) -> 
         (folder / "answer.sse").write_bytes(sse_body(chunks))
         location = SSE_LOCATION.format(dir=folder)
     conf = folder / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=folder, port=port, location=location))
+    conf.write_text(NGINX_CONF.format(dir=folder, host=host, port=port, location=location))
     os.execv(nginx, [nginx, "-p", str(folder), "-c", str(conf)])
 
 
-def serve_aiohttp(kind: str, port: int, chunks: int) -> None:
+def serve_aiohttp(kind: str, port: int, chunks: int, host: str = "127.0.0.1") -> None:
     from aiohttp import web
 
     body = json_body() if kind == "json" else sse_body(chunks)
@@ -137,7 +139,7 @@ def serve_aiohttp(kind: str, port: int, chunks: int) -> None:
 
     app = web.Application(client_max_size=64 << 20)  # the bodies group sends 1 MiB
     app.router.add_route("*", "/{tail:.*}", answer)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)
 
 
 def main() -> None:
@@ -147,11 +149,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--nginx", help="nginx executable: serve with nginx")
     parser.add_argument("--workdir", type=Path, help="where the nginx configuration goes")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     args = parser.parse_args()
     if args.nginx:
-        exec_nginx(args.nginx, args.workdir, args.kind, args.port, args.chunks)
+        exec_nginx(args.nginx, args.workdir, args.kind, args.port, args.chunks, args.host)
     else:
-        serve_aiohttp(args.kind, args.port, args.chunks)
+        serve_aiohttp(args.kind, args.port, args.chunks, args.host)
 
 
 if __name__ == "__main__":
