@@ -21,6 +21,7 @@ from llm_manager.cluster.controller import Controller, Replicas, SharedSuperviso
 from llm_manager.cluster.replica import ControllerLink, ReplicaRuntime, ReplicaSupervisor
 from llm_manager.cluster.shared import REPLICA_TTL, Counts, Failure, Report
 from llm_manager.config import LoadedConfig, parse_text
+from llm_manager.devices.base import Device, ProviderReport
 from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy, ModelNotFound
@@ -55,13 +56,22 @@ def _model(spawn_log: Path, mib: int = 1000, **extra: Any) -> dict[str, Any]:
     return {"schemes": {"gpu": {"devices": {"cuda:0": mib}, "command": command}}, **extra}
 
 
+def _declared(mib: int) -> ProviderReport:
+    """A node's GPU as declared (no reading of its own: the booked memory counts as used)."""
+    gpu = Device("cuda:0", "cuda", "GPU", mib, 0, mib, index=0, measured=False)
+    return ProviderReport("cuda", True, (gpu,))
+
+
 @contextlib.asynccontextmanager
 async def _setup(
-    tmp_path: Path, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch, declared: bool = False
 ) -> AsyncIterator[tuple[Controller, Callable[[], Any]]]:
     """The controller, and a maker of replicas (ReplicaSupervisors reporting to it)."""
     monkeypatch.setattr(controller_module, "_exit_actor", lambda: None)
     cluster = FakeCluster()
+    if declared:
+        for name, (node, _) in list(cluster.answers.items()):
+            cluster.answers[name] = (node, [_declared(24000)])
     loaded = _loaded(tmp_path, models)
     controller = Controller(loaded, cluster)
     made: list[ReplicaSupervisor] = []
@@ -204,3 +214,60 @@ async def test_replicas_count_use_and_wait_for_their_word() -> None:
     await asyncio.wait_for(waiting, 1)
     assert replicas.expire(time.monotonic() + REPLICA_TTL + 1) == ["a", "b"]
     assert len(replicas) == 0 and replicas.empty_since is not None
+
+
+def test_replicas_need_a_shared_store() -> None:
+    from llm_manager.config import ConfigError
+
+    text = "cluster: {address: 'h:6379', replicas: true}\nmodels: {}\n"
+    with pytest.raises(ConfigError, match="store: postgresql"):
+        parse_text(text, "test")
+    parse_text(text + "store: postgresql://u@db/x\n", "test")
+
+
+async def test_a_reload_on_a_replica_reaches_the_controller(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        report = one.reload(_loaded(tmp_path, {"m": _model(spawn_log), "n": _model(spawn_log)}))
+        assert report["added"] == ["n"]
+        deadline = time.monotonic() + 5
+        while shared.registry.get("n") is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await one.resolve("n").ensure_ready()
+        assert shared.resolve("n").state.value == "routing"
+
+
+async def test_turns_are_kept_by_the_replicas(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two models that cannot share node a's GPU: y waits for x, whose turn then ends.
+    models = {
+        name: _model(spawn_log, 20000, turn_time="1s", queue_timeout="30s") for name in ("x", "y")
+    }
+    for spec in models.values():
+        spec["schemes"]["gpu"]["nodes"] = {"node": "a"}
+    async with _setup(tmp_path, models, monkeypatch, declared=True) as (controller, replica):
+        one, two = await replica(), await replica()
+        x = one.resolve("x")
+        await x.ensure_ready()
+        x.acquire()
+        assert x.try_admit()  # a request in flight on x, through replica one
+        await _reported(one)
+        y_start = asyncio.create_task(two.resolve("y").ensure_ready())
+        # The controller ends x's turn; replica one holds new requests for x at its door.
+        deadline = time.monotonic() + 10
+        while x.try_admit():
+            x.dismiss()
+            assert time.monotonic() < deadline, "x's turn never ended on the replica"
+            await asyncio.sleep(0.05)
+        assert not y_start.done()  # x's request is still in flight
+        x.dismiss()
+        x.release()
+        await asyncio.wait_for(y_start, 20)
+        shared = await _shared(controller)
+        assert shared.resolve("x").state.value == "stopped"
+        assert shared.resolve("y").state.value == "routing"
