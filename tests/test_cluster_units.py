@@ -214,6 +214,9 @@ class InProcess:
     async def stop(self, grace: float) -> int:
         return await self.host.stop(grace)
 
+    async def keep(self, kept: object) -> None:
+        await self.host.keep(kept)
+
     def discard(self) -> None:
         self.discarded += 1
 
@@ -336,3 +339,56 @@ def test_the_node_command_refuses_bad_input() -> None:
     result = runner.invoke(cli, ["node", "--head", "--port", "6380", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "--head --port 6380" in result.output
+
+
+async def test_a_kept_host_stops_its_engine_once_its_owner_is_gone(spawn_log: Path) -> None:
+    host = EngineHost()
+    port = launch.free_port()
+    argv = [
+        a.replace("{port}", str(port)).replace("{name}", "m")
+        for a in fake_command("--spawn-log", str(spawn_log))
+    ]
+    pid = await host.start(argv, {}, None, False)
+    await host.keep({"model": "m"})
+    assert (await host.describe())[:3] == ({"model": "m"}, pid, None)
+    answers = iter([True, False, True, *[False] * 100])  # back once, then gone for good
+    checks = 0
+
+    async def owner_alive() -> bool:
+        nonlocal checks
+        checks += 1
+        return next(answers)
+
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(host.guard(owner_alive, grace=0.3, period=0.05), 10)
+    # The owner's return reset the count: the engine went 0.3 s after it was last there.
+    assert asyncio.get_running_loop().time() - began >= 0.3 + 3 * 0.05
+    assert checks >= 3 + 0.3 / 0.05
+    await wait_until(lambda: not alive(pid), timeout=5)
+    assert (await host.describe())[2] is not None  # ended, with its exit code
+
+
+async def test_an_engine_is_followed_again_from_the_line_it_had_reached(spawn_log: Path) -> None:
+    calls = InProcess()
+    first = RemoteEngine("a", "127.0.0.1", calls)
+    port = await first.free_port()
+    argv = [
+        a.replace("{port}", str(port)).replace("{name}", "m")
+        for a in fake_command("--spawn-log", str(spawn_log), "--tick", "0.05")
+    ]
+    await first.start(argv, {}, None, False, lambda s, m: None)
+    await wait_until(lambda: calls.host._seq >= 3)
+    _, pid, code, seq = await calls.host.describe()
+    assert code is None and pid == first.pid
+    before = [m for n, _, m in calls.host._lines if n <= seq and m.startswith("tick")]
+    last_tick = int(before[-1].split()[1])
+    # Its owner restarted: a new RemoteEngine attaches to the same host, after line ``seq``.
+    lines: list[str] = []
+    second = RemoteEngine("a", "127.0.0.1", calls)
+    second.attach(pid, seq, lambda s, m: lines.append(m))
+    await wait_until(lambda: len(lines) >= 2)
+    assert all(line.startswith("tick") for line in lines)
+    numbers = [int(line.split()[1]) for line in lines]
+    assert numbers[:2] == [last_tick + 1, last_tick + 2]  # nothing repeated, nothing lost
+    await second.stop(2)
+    assert second.returncode is not None and not alive(pid)

@@ -261,11 +261,15 @@ async def controller_link(cluster: Cluster, loaded: LoadedConfig) -> ControllerL
         raise ClusterUnavailable("gateway replicas need the Ray cluster backend")
     server = loaded.config.server
     label = f"{socket.gethostname()}:{server.port} (pid {os.getpid()})"
+
+    async def find() -> object:
+        return await asyncio.to_thread(cluster.controller, loaded)
+
     try:
-        handle = await asyncio.to_thread(cluster.controller, loaded)
+        handle = await find()
     except Exception as exc:
         raise ClusterUnavailable(f"cannot reach the cluster's controller: {exc}") from None
-    return ControllerLink(handle, label)
+    return ControllerLink(handle, label, find)
 
 
 class ClusterUnavailable(Exception):

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from llm_manager.config import DeviceConfig
 from llm_manager.devices.base import DeviceProvider, ProviderReport
@@ -84,6 +85,36 @@ class EngineHost:
         self._seq = 0
         self._news: asyncio.Event | None = None
         self._closed = False
+        self._kept: object = None  # what its owner needs to adopt the engine again
+
+    async def keep(self, kept: object) -> None:
+        """Hold what the owner needs to adopt this engine after a restart of its own (the
+        controller of gateway replicas: cluster/controller.py)."""
+        self._kept = kept
+
+    async def describe(self) -> tuple[object, int, int | None, int]:
+        """(what was kept, the engine's PID, its exit code or None, the last line's number)."""
+        proc = self._proc
+        if proc is None:
+            return self._kept, 0, 0, self._seq
+        return self._kept, proc.pid, proc.returncode, self._seq
+
+    async def guard(
+        self, owner_alive: Callable[[], Awaitable[bool]], grace: float, period: float
+    ) -> None:
+        """Until the engine ends: once the owner has been gone for ``grace`` seconds (not
+        restarting: gone), stop the engine. For a detached host, which nothing else ends."""
+        missing: float | None = None
+        while self._proc is not None and self._proc.returncode is None:
+            await asyncio.sleep(period)
+            if await owner_alive():
+                missing = None
+                continue
+            now = time.monotonic()
+            missing = now if missing is None else missing
+            if now - missing >= grace:
+                await self.stop(5.0)
+                return
 
     async def free_port(self, host: str) -> int:
         return launch.free_port(host)

@@ -29,6 +29,8 @@ from typing import Any
 import aiohttp
 
 from llm_manager.cluster.nodes import Cluster
+from llm_manager.cluster.ray_backend import RayCluster
+from llm_manager.cluster.remote import RemoteEngine
 from llm_manager.cluster.shared import (
     LOG_LINES_PER_REPLY,
     ORPHAN_SECONDS,
@@ -36,6 +38,7 @@ from llm_manager.cluster.shared import (
     Answer,
     Counts,
     Failure,
+    Kept,
     Line,
     ModelView,
     Report,
@@ -46,7 +49,7 @@ from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import ManagerError
 from llm_manager.logs import LogBook, LogSettings
-from llm_manager.models.runtime import ModelRuntime
+from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.db import Database, for_store
 from llm_manager.store.footprints import FootprintStore
@@ -192,6 +195,34 @@ class SharedSupervisor(Supervisor):
             self._drained.set()
             self._drained = asyncio.Event()
 
+    def ready(self, name: str) -> None:
+        super().ready(name)
+        runtime = self.registry.get(name)
+        fit = self._fits.get(name)
+        if runtime is None or fit is None:
+            return
+        proc, plan, port = runtime.process, runtime.started_with, runtime.port
+        if isinstance(proc, RemoteEngine) and plan is not None and port and proc.node:
+            kept = Kept(name, fit, plan, port, proc.node)
+            self._spawn(proc.keep(kept), f"keep {name}")
+
+    def adopt(self, engine: RemoteEngine, kept: Kept, pid: int, seq: int) -> bool:
+        """An engine the controller's earlier run started (found on a detached host): taken
+        back as running when its model still has that scheme, unchanged, and is stopped."""
+        runtime = self.registry.get(kept.model)
+        scheme = kept.fit.scheme
+        if (
+            runtime is None
+            or runtime.state is not State.STOPPED
+            or scheme not in runtime.spec.schemes
+            or kept.model in self._fits
+        ):
+            return False
+        engine.attach(pid, seq, runtime.log.append)
+        self._book(runtime, kept.fit)
+        runtime.adopt(engine, scheme, kept.launch, kept.port)
+        return True
+
     async def until_drained(self, name: str) -> None:
         while name in self.draining:
             await self._drained.wait()
@@ -252,8 +283,6 @@ class _Core:
         self.supervisor: SharedSupervisor | None = None
 
     async def boot(self) -> _Core:
-        from llm_manager.cluster.ray_backend import RayCluster
-
         config = self.loaded.config
         assert config.cluster is not None  # a controller exists in cluster mode only
         server = config.server
@@ -282,11 +311,22 @@ class _Core:
             replicas=self.replicas,
         )
         await self.logbook.load()
+        if isinstance(cluster, RayCluster):
+            cluster.keep_hosts(NAME, ORPHAN_SECONDS)
+            await self._adopt(cluster)
         await self.supervisor.start()
         self.tasks.append(asyncio.create_task(self.logbook.retention_loop(), name="retention"))
         self.tasks.append(asyncio.create_task(self._watch(), name="replicas"))
         log.info("controller %s running %d model(s)", self.epoch[:8], len(self.supervisor.runtimes))
         return self
+
+    async def _adopt(self, cluster: RayCluster) -> None:
+        """A restarted controller: the engines its earlier run left on detached hosts."""
+        for engine, kept, pid, seq in await asyncio.to_thread(cluster.kept_engines):
+            if isinstance(kept, Kept) and self.sup.adopt(engine, kept, pid, seq):
+                log.info("adopted %s's engine (pid %d on node %s)", kept.model, pid, kept.node)
+            else:
+                engine.discard()  # its model changed or is gone: nothing owns it any more
 
     @property
     def sup(self) -> SharedSupervisor:
@@ -426,6 +466,12 @@ class Controller:
             log.info("the last gateway replica left: stopping every model")
             await core.close()
             asyncio.get_running_loop().call_later(0.2, _exit_actor)  # after this answer
+
+    async def alive(self) -> bool:
+        """For the detached engine hosts' checks (and it starts a restarted controller's
+        work: adopting them, counting replicas)."""
+        await self._get()
+        return True
 
     async def describe(self) -> dict[str, Any]:
         core = await self._get()

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class RayCluster:
         self._count = itertools.count(1)
         self._agent_cls: Any = None
         self._host_cls: Any = None
+        self._kept_cls: Any = None
+        self._keeper: tuple[str, float] | None = None  # keep_hosts
 
     @classmethod
     def connect(cls, config: ClusterConfig) -> RayCluster:
@@ -88,6 +91,7 @@ class RayCluster:
         remote = ray.remote(num_cpus=0, max_restarts=0)
         cluster._agent_cls = remote(actors.NodeAgent)
         cluster._host_cls = remote(actors.EngineHost)
+        cluster._kept_cls = remote(KeptHost)
         cluster._list_nodes()
         return cluster
 
@@ -160,14 +164,29 @@ class RayCluster:
             return {}
         return found
 
+    def keep_hosts(self, owner: str, grace: float) -> None:
+        """Engine hosts from now on are detached: they outlive their creator (the controller
+        of gateway replicas, named ``owner``), which adopts them again after a restart
+        (``kept_engines``); each stops its engine once ``owner`` has been gone for
+        ``grace`` seconds."""
+        self._keeper = (owner, grace)
+
     async def host(self, node: str, model: str) -> RemoteEngine:
         info = next((n for n in self._nodes if n.name == node), None)
         if info is None:
             raise StartFailed(f"node {node} is not in the cluster any more")
-        handle = self._host_cls.options(
-            name=f"{HOST_PREFIX}{model}-{next(self._count)}",
-            scheduling_strategy=self._strategy(info.node_id),
-        ).remote()
+        if self._keeper is None:
+            handle = self._host_cls.options(
+                name=f"{HOST_PREFIX}{model}-{next(self._count)}",
+                scheduling_strategy=self._strategy(info.node_id),
+            ).remote()
+        else:
+            owner, grace = self._keeper
+            handle = self._kept_cls.options(
+                name=f"{HOST_PREFIX}{model}-{uuid.uuid4().hex[:12]}",
+                lifetime="detached",
+                scheduling_strategy=self._strategy(info.node_id),
+            ).remote(owner, self._config.namespace, grace)
         calls = _RayHostCalls(self._ray, handle)
         try:
             await asyncio.wait_for(handle.__ray_ready__.remote(), HOST_READY_TIMEOUT)
@@ -175,6 +194,32 @@ class RayCluster:
             calls.discard()
             raise StartFailed(f"no engine host could be placed on node {node}: {exc}") from None
         return RemoteEngine(info.name, info.address, calls)
+
+    def kept_engines(self) -> list[tuple[RemoteEngine, Any, int, int]]:
+        """The detached engine hosts of this namespace still running an engine: (the engine,
+        not yet followed; what was kept; its PID; its last output line's number). Hosts
+        whose engine ended, or that kept nothing (a start cut short), are ended. Blocks."""
+        ray = self._ray
+        self._list_nodes()
+        found = []
+        for entry in ray.util.list_named_actors(all_namespaces=False):
+            name = entry if isinstance(entry, str) else entry.get("name", "")
+            if not name.startswith(HOST_PREFIX):
+                continue
+            try:
+                handle = ray.get_actor(name)
+                kept, pid, code, seq = ray.get(handle.describe.remote(), timeout=HOST_READY_TIMEOUT)
+            except Exception as exc:  # gone meanwhile, or its node is
+                log.warning("engine host %s cannot be adopted: %s", name, _first_line(exc))
+                continue
+            calls = _RayHostCalls(ray, handle)
+            node = getattr(kept, "node", None)
+            info = next((n for n in self._nodes if n.name == node), None)
+            if kept is None or code is not None or not pid or info is None:
+                calls.discard()
+                continue
+            found.append((RemoteEngine(info.name, info.address, calls), kept, pid, seq))
+        return found
 
     def controller(self, loaded: LoadedConfig) -> Any:
         """The controller of gateway replicas (cluster/controller.py): the one running in
@@ -209,6 +254,44 @@ class RayCluster:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._ray.shutdown()
+
+
+OWNER_CHECK = 2.0  # seconds between a kept host's checks that its owner is there
+
+
+class KeptHost(actors.EngineHost):
+    """A detached engine host (``RayCluster.keep_hosts``). Its owner's restart does not end
+    it; its owner's end does, ``grace`` seconds later: it stops its engine and itself."""
+
+    def __init__(self, owner: str, namespace: str, grace: float) -> None:
+        super().__init__()
+        self._owner = (owner, namespace)
+        self._grace = grace
+        self._guarding: asyncio.Task[None] | None = None
+
+    async def start(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, script: bool
+    ) -> int:
+        pid = await super().start(argv, env, cwd, script)
+        self._guarding = asyncio.create_task(self._guard())
+        return pid
+
+    async def _guard(self) -> None:
+        await self.guard(self._owner_alive, self._grace, OWNER_CHECK)
+        ray = _ray()
+        if self._closed:  # stopped for want of an owner: nothing is left to host
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    async def _owner_alive(self) -> bool:
+        ray = _ray()
+        name, namespace = self._owner
+        try:
+            owner = await asyncio.to_thread(ray.get_actor, name, namespace)
+            # Answered by a restarted owner too (the call makes it start its work).
+            await asyncio.wait_for(owner.alive.remote(), 10.0)
+        except Exception:
+            return False
+        return True
 
 
 class _RayHostCalls:
@@ -246,6 +329,9 @@ class _RayHostCalls:
     async def stop(self, grace: float) -> int:
         code: int = await self._call("stop", grace)
         return code
+
+    async def keep(self, kept: object) -> None:
+        await self._call("keep", kept)
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):

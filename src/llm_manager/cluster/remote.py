@@ -37,6 +37,9 @@ class HostCalls(Protocol):
 
     async def stop(self, grace: float) -> int: ...
 
+    async def keep(self, kept: object) -> None:
+        """Leave with the host what its owner needs to adopt the engine again."""
+
     def discard(self) -> None:
         """End the host (and with it whatever it still runs)."""
 
@@ -74,9 +77,22 @@ class RemoteEngine:
             raise
         except Exception as exc:  # raised on the node: it says what went wrong there
             raise StartFailed(f"cannot start on node {self.node}: {_cause(exc)}") from None
+        self._follow(sink, 0)
+
+    def attach(self, pid: int, after: int, sink: LineSink) -> None:
+        """Follow an engine its host started earlier (for an owner that was restarted):
+        its output from line ``after`` on, and its end."""
+        self.pid = self.pgid = pid
+        self._follow(sink, after)
+
+    async def keep(self, kept: object) -> None:
+        with contextlib.suppress(HostLost):
+            await self._calls.keep(kept)
+
+    def _follow(self, sink: LineSink, after: int) -> None:
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
-        self._pump = asyncio.create_task(self._fetch(sink), name=f"output from {self.node}")
+        self._pump = asyncio.create_task(self._fetch(sink, after), name=f"output from {self.node}")
         self._waiter = asyncio.create_task(self._watch(), name=f"engine on {self.node}")
 
     @property
@@ -139,8 +155,7 @@ class RemoteEngine:
             code = LOST_CODE
         self._set_code(code)
 
-    async def _fetch(self, sink: LineSink) -> None:
-        seq = 0
+    async def _fetch(self, sink: LineSink, seq: int) -> None:
         while True:
             try:
                 batch, done = await self._calls.lines(seq, POLL_WAIT)

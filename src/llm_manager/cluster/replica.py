@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -42,10 +43,19 @@ class ControllerLink:
     """The controller's methods as coroutines; a controller that cannot be reached (ended,
     restarting) is a 503 for the request that needed it."""
 
-    def __init__(self, handle: Any, label: str) -> None:
+    def __init__(
+        self, handle: Any, label: str, renew: Callable[[], Awaitable[Any]] | None = None
+    ) -> None:
         self._handle = handle
+        self._renew = renew
         self.replica = uuid.uuid4().hex
         self.label = label
+
+    async def renew(self) -> None:
+        """Find the controller again, or start one (the one known ended for good: a new
+        one adopts its engines)."""
+        if self._renew is not None:
+            self._handle = await self._renew()
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
@@ -275,16 +285,24 @@ class ReplicaSupervisor(Supervisor):
         self._apply(reply)
 
     async def _sync_loop(self) -> None:
-        failing = False
+        failing: float | None = None  # since when the controller does not answer
         while True:
             await asyncio.sleep(SYNC_PERIOD)
             try:
                 await self._sync_once()
             except ModelUnavailable as exc:
-                if not failing:
+                now = time.monotonic()
+                if failing is None:
                     log.error("%s: %s", exc.message, exc.detail)
-                failing = True
+                    failing = now
+                elif now - failing > REPLICA_TTL:
+                    # Not a restart in progress (Ray answers those): look for it again.
+                    try:
+                        await self.link.renew()
+                    except Exception as renewing:
+                        log.error("no controller could be found or started: %s", renewing)
+                    failing = time.monotonic()
                 continue
-            if failing:
+            if failing is not None:
                 log.warning("the controller answers again")
-            failing = False
+            failing = None

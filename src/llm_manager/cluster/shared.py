@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from llm_manager import errors
 from llm_manager.errors import ManagerError
+from llm_manager.models.launch import Launch
+from llm_manager.models.scheduler import Fit
 
 SYNC_PERIOD = 0.25  # seconds between a replica's reports
 # A replica that has not reported for this long is taken to be gone: its requests stop
@@ -118,3 +120,15 @@ class Answer:
     view: ModelView | None
     failure: Failure | None = None
     stopped: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What the controller leaves with an engine's host once the engine is ready, to adopt
+    it again if the controller is restarted (cluster/ray_backend.py, ``keep_hosts``)."""
+
+    model: str
+    fit: Fit
+    launch: Launch
+    port: int
+    node: str

@@ -194,6 +194,30 @@ class ModelRuntime:
         return proc.node if proc is not None else None
 
     @property
+    def process(self) -> EngineProcess | None:
+        return self._proc
+
+    @property
+    def started_with(self) -> launch.Launch | None:
+        """How the running engine was started (its command, environment, placeholders)."""
+        run = self._run
+        return run.plan if run is not None else None
+
+    def adopt(self, proc: EngineProcess, scheme: str, plan: launch.Launch, port: int) -> None:
+        """Take an engine that is running already (started by this controller's earlier
+        run, cluster/controller.py) as if this runtime had started it: routing at once."""
+        self.scheme = scheme
+        self.port = port
+        self.host = getattr(proc, "address", launch.UPSTREAM_HOST)
+        key = plan.api_key
+        self.engine_auth = (b"authorization", f"Bearer {key}".encode()) if key else None
+        self._adopt(proc, _Run(self.spec.schemes[scheme], plan))
+        self.ready_at = self.last_used = time.monotonic()
+        self._set_state(State.ROUTING)
+        where = f" on node {proc.node}" if proc.node is not None else ""
+        self.log.event(f"adopted the running engine (pid {proc.pid}{where}, port {port})")
+
+    @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
