@@ -18,16 +18,20 @@ import yaml
 
 from llm_manager.cluster import controller as controller_module
 from llm_manager.cluster.controller import Controller, Replicas, SharedSupervisor
+from llm_manager.cluster.remote import RemoteEngine
 from llm_manager.cluster.replica import ControllerLink, ReplicaRuntime, ReplicaSupervisor
-from llm_manager.cluster.shared import REPLICA_TTL, Counts, Failure, Report
+from llm_manager.cluster.shared import REPLICA_TTL, Counts, Failure, Kept, Report
 from llm_manager.config import LoadedConfig, parse_text
 from llm_manager.devices.base import Device, ProviderReport
 from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import DeviceUnavailable, ModelBusy, ModelNotFound
 from llm_manager.logs import LogBook, LogSettings
-from tests.conftest import fake_command, read_pids
+from llm_manager.models.launch import Launch
+from llm_manager.models.scheduler import Fit
+from tests.conftest import fake_command, read_pids, wait_until
 from tests.test_cluster_fake import FakeCluster
+from tests.test_cluster_units import InProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -271,3 +275,37 @@ async def test_turns_are_kept_by_the_replicas(
         shared = await _shared(controller)
         assert shared.resolve("x").state.value == "stopped"
         assert shared.resolve("y").state.value == "routing"
+
+
+async def test_an_engine_is_adopted_only_under_its_unchanged_scheme(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        # An engine left running by the controller's earlier run, on its (in-process) host.
+        calls = InProcess()
+        earlier = RemoteEngine("a", "127.0.0.1", calls)
+        port = await earlier.free_port()
+        argv = [
+            a.replace("{port}", str(port)).replace("{name}", "m")
+            for a in fake_command("--spawn-log", str(spawn_log))
+        ]
+        await earlier.start(argv, {}, None, False, lambda s, m: None)
+        fit = Fit("gpu", {"cuda:0": "a/cuda:0"}, {"a/cuda:0": 1000}, node="a")
+        scheme = shared.resolve("m").spec.schemes["gpu"]
+        changed = scheme.model_copy(update={"env": {"CHANGED": "1"}})
+        stale = Kept("m", fit, Launch(argv, {}, None), port, "a", changed)
+        assert not shared.adopt(RemoteEngine("a", "127.0.0.1", calls), stale, earlier.pid, 0)
+        assert shared.resolve("m").state.value == "stopped" and not shared.booked("m")
+        kept = Kept("m", fit, Launch(argv, {}, None), port, "a", scheme)
+        assert shared.adopt(RemoteEngine("a", "127.0.0.1", calls), kept, earlier.pid, 0)
+        runtime = shared.resolve("m")
+        assert runtime.state.value == "routing" and runtime.pid == earlier.pid
+        assert shared.booked("m") == {"cuda:0": 1000}
+        assert (await one.resolve("m").ensure_ready()).endswith(f":{port}")
+        await wait_until(lambda: bool(read_pids(spawn_log)))
+        url = f"http://127.0.0.1:{port}/v1/models"  # it serves, where the replica routes
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200
+        assert read_pids(spawn_log) == [earlier.pid]  # adopted, not started again

@@ -203,18 +203,19 @@ class SharedSupervisor(Supervisor):
             return
         proc, plan, port = runtime.process, runtime.started_with, runtime.port
         if isinstance(proc, RemoteEngine) and plan is not None and port and proc.node:
-            kept = Kept(name, fit, plan, port, proc.node)
+            kept = Kept(name, fit, plan, port, proc.node, runtime.spec.schemes[fit.scheme])
             self._spawn(proc.keep(kept), f"keep {name}")
 
     def adopt(self, engine: RemoteEngine, kept: Kept, pid: int, seq: int) -> bool:
         """An engine the controller's earlier run started (found on a detached host): taken
-        back as running when its model still has that scheme, unchanged, and is stopped."""
+        back as running when its model still has that scheme, unchanged, and is stopped;
+        False otherwise (the caller ends it)."""
         runtime = self.registry.get(kept.model)
         scheme = kept.fit.scheme
         if (
             runtime is None
             or runtime.state is not State.STOPPED
-            or scheme not in runtime.spec.schemes
+            or runtime.spec.schemes.get(scheme) != kept.scheme
             or kept.model in self._fits
         ):
             return False

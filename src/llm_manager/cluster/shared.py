@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm_manager import errors
+from llm_manager.config import SchemeConfig
 from llm_manager.errors import ManagerError
 from llm_manager.models.launch import Launch
 from llm_manager.models.scheduler import Fit
@@ -132,3 +133,4 @@ class Kept:
     launch: Launch
     port: int
     node: str
+    scheme: SchemeConfig  # as configured then: a changed one is not adopted
