@@ -190,14 +190,19 @@ def remove_tree(folder: Path) -> None:
 
 
 async def start_manager(
-    procs: Processes, config: Path, env: Mapping[str, str] | None = None
+    procs: Processes,
+    config: Path,
+    env: Mapping[str, str] | None = None,
+    name: str = "llm-manager",
+    timeout: float = 60.0,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m llm_manager serve --port 0``; its URL comes from the log line. ``env`` is
-    added to the environment (``PYTHONPATH`` to serve another checkout's code)."""
+    added to the environment (``PYTHONPATH`` to serve another checkout's code); ``name``
+    names its log (one per manager)."""
     argv = [sys.executable, "-m", "llm_manager", "serve", "--config", str(config), "--port", "0"]
-    proc = procs.start("llm-manager", argv, env)
-    log = procs.log_path("llm-manager")
-    deadline = time.monotonic() + 60
+    proc = procs.start(name, argv, env)
+    log = procs.log_path(name)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"listening on (http://[\d.]+:\d+)", log.read_text(errors="replace"))
         if found:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -42,21 +41,6 @@ from tests.postgres_server import PostgresServer, binaries  # noqa: E402
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-async def start_replica(processes: procs.Processes, config: Path, name: str) -> tuple[Any, str]:
-    argv = [sys.executable, "-m", "llm_manager", "serve", "--config", str(config), "--port", "0"]
-    proc = processes.start(name, argv)
-    path = processes.log_path(name)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on (http://[\d.]+:\d+)", path.read_text(errors="replace"))
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            break
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"replica {name} did not start:\n" + procs.tail(path))
 
 
 def controller_pid() -> int | None:
@@ -98,7 +82,10 @@ async def run_one(
     }
     path = workdir / f"replicas-{n}.yaml"
     path.write_text(json.dumps(config))
-    started = [await start_replica(processes, path, f"replica-{n}-{i}") for i in range(n)]
+    started = [
+        await procs.start_manager(processes, path, name=f"replica-{n}-{i}", timeout=120)
+        for i in range(n)
+    ]
     front = Balancer(
         nginx, workdir / f"balancer-{n}", [u.removeprefix("http://") for _, u in started]
     )

@@ -3,6 +3,7 @@ for the replica tests and benchmarks/replicas.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -11,25 +12,23 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+
+def _backend() -> Any:
+    """benchmarks/backend.py (not a package): its nginx preamble, one process in a folder."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "backend.py"
+    spec = importlib.util.spec_from_file_location("bench_backend", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # The balancer of docs/replicas.md, in a folder of its own, one worker process. A replica
 # that refuses connections is skipped (error) and left out for fail_timeout; a POST already
 # sent is not sent again (nginx's default for non-idempotent requests).
-NGINX_BALANCER = """
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    client_max_body_size 64m;
+BALANCER = """
     upstream replicas {{
 {servers}
         keepalive 64;
@@ -72,7 +71,8 @@ class Balancer:
         self.url = f"http://127.0.0.1:{self.port}"
         servers = "\n".join(f"        server {b} max_fails=1 fail_timeout=10s;" for b in backends)
         conf = folder / "nginx.conf"
-        conf.write_text(NGINX_BALANCER.format(dir=folder, servers=servers, port=self.port))
+        template = _backend().NGINX_PREAMBLE + BALANCER  # the http block it opens ends here
+        conf.write_text(template.format(dir=folder, servers=servers, port=self.port))
         self._log = (folder / "nginx.out").open("wb")
         self.proc = subprocess.Popen(
             [nginx, "-p", str(folder), "-c", str(conf)],

@@ -14,14 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from llm_manager.cluster import controller as controller_module
 from llm_manager.cluster.controller import Controller, Replicas, SharedSupervisor
 from llm_manager.cluster.remote import RemoteEngine
 from llm_manager.cluster.replica import ControllerLink, ReplicaRuntime, ReplicaSupervisor
 from llm_manager.cluster.shared import REPLICA_TTL, Counts, Failure, Kept, Report
-from llm_manager.config import LoadedConfig, parse_text
+from llm_manager.config import parse_text
 from llm_manager.devices.base import Device, ProviderReport
 from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.monitor import DeviceMonitor
@@ -31,6 +30,7 @@ from llm_manager.models.launch import Launch
 from llm_manager.models.scheduler import Fit
 from tests.conftest import fake_command, read_pids, wait_until
 from tests.test_cluster_fake import FakeCluster
+from tests.test_cluster_fake import config as _config
 from tests.test_cluster_units import InProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,15 +44,6 @@ class Direct:
 
     def __getattr__(self, name: str) -> Any:
         return SimpleNamespace(remote=getattr(self._target, name))
-
-
-def _loaded(tmp_path: Path, models: dict[str, Any]) -> LoadedConfig:
-    data = {
-        "server": {"data_dir": str(tmp_path / "data"), "stop_timeout": "2s"},
-        "cluster": {"address": "fake:6379"},
-        "models": models,
-    }
-    return LoadedConfig(parse_text(yaml.safe_dump(data, sort_keys=False), "test"), "test", tmp_path)
 
 
 def _model(spawn_log: Path, mib: int = 1000, **extra: Any) -> dict[str, Any]:
@@ -76,7 +67,7 @@ async def _setup(
     if declared:
         for name, (node, _) in list(cluster.answers.items()):
             cluster.answers[name] = (node, [_declared(24000)])
-    loaded = _loaded(tmp_path, models)
+    loaded = _config(tmp_path, models)
     controller = Controller(loaded, cluster)
     made: list[ReplicaSupervisor] = []
     async with aiohttp.ClientSession() as http:
@@ -235,7 +226,7 @@ async def test_a_reload_on_a_replica_reaches_the_controller(
     async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
         one = await replica()
         shared = await _shared(controller)
-        report = one.reload(_loaded(tmp_path, {"m": _model(spawn_log), "n": _model(spawn_log)}))
+        report = one.reload(_config(tmp_path, {"m": _model(spawn_log), "n": _model(spawn_log)}))
         assert report["added"] == ["n"]
         deadline = time.monotonic() + 5
         while shared.registry.get("n") is None:

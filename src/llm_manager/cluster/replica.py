@@ -10,6 +10,7 @@ other asks the controller, which starts the model once for every replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -28,11 +29,11 @@ from llm_manager.cluster.shared import (
     Report,
     SyncReply,
 )
-from llm_manager.config import LoadedConfig, ModelConfig
+from llm_manager.config import LoadedConfig
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import ModelUnavailable
 from llm_manager.logs import LogBook
-from llm_manager.models.runtime import ModelRuntime, RuntimeSettings, State
+from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.store.footprints import FootprintStore
 
@@ -174,27 +175,13 @@ class ReplicaSupervisor(Supervisor):
         link: ControllerLink,
     ) -> None:
         self.link = link
+        self._runtime_type = functools.partial(ReplicaRuntime, link=link)
         super().__init__(loaded, monitor, http, logbook, footprints, cluster)
         self._epoch = ""
         self._seen = 0  # the stamp of the newest sync reply applied
         self._marks: dict[str, int] = {}  # per model, the controller's log seq copied
         self.replicas = 0  # live replicas, as the controller last said
         self.reached: float | None = None  # when the controller last answered a sync
-
-    def _new_runtime(self, name: str, spec: ModelConfig, settings: RuntimeSettings) -> ModelRuntime:
-        book = self._logbook
-        model_log = book.get(name) if book.has(name) else book.create(name)
-        return ReplicaRuntime(
-            name,
-            spec,
-            settings,
-            placer=self,
-            log=model_log,
-            http=self._http,
-            reaper=self._reaper,
-            runstate=self._runstate,
-            link=self.link,
-        )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.footprints.load)

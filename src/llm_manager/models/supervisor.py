@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -81,6 +81,9 @@ def _runtime_settings(loaded: LoadedConfig) -> RuntimeSettings:
 
 
 class Supervisor:
+    # What each model's runtime is made with (a gateway replica's: cluster/replica.py).
+    _runtime_type: Callable[..., ModelRuntime] = ModelRuntime
+
     def __init__(
         self,
         loaded: LoadedConfig,
@@ -121,7 +124,7 @@ class Supervisor:
         # A model removed and added back by reloads keeps its log.
         book = self._logbook
         model_log = book.get(name) if book.has(name) else book.create(name)
-        return ModelRuntime(
+        return self._runtime_type(
             name,
             spec,
             settings,
