@@ -28,7 +28,7 @@ from llm_manager.errors import DeviceUnavailable, ModelBusy, ModelNotFound
 from llm_manager.logs import LogBook, LogSettings
 from llm_manager.models.launch import Launch
 from llm_manager.models.scheduler import Fit
-from tests.conftest import fake_command, read_pids, wait_until
+from tests.conftest import alive, fake_command, read_pids, wait_until
 from tests.test_cluster_fake import FakeCluster
 from tests.test_cluster_fake import config as _config
 from tests.test_cluster_units import InProcess
@@ -114,6 +114,11 @@ async def test_concurrent_starts_from_two_replicas_are_one(
         assert (await _shared(controller)).resolve("m").start_count == 1
         await _reported(two)
         assert two.resolve("m").state.value == "routing" and two.placed_on("m")
+        # The engine's memory, read by the controller, is shown by the replicas too.
+        deadline = time.monotonic() + 10
+        while not two.footprints.current("m").get("cpu"):
+            assert time.monotonic() < deadline, two.footprints.current("m")
+            await asyncio.sleep(0.05)
 
 
 async def test_a_request_that_races_an_idle_stop_keeps_the_model(
@@ -300,3 +305,22 @@ async def test_an_engine_is_adopted_only_under_its_unchanged_scheme(
         async with aiohttp.ClientSession() as http, http.get(url) as resp:
             assert resp.status == 200
         assert read_pids(spawn_log) == [earlier.pid]  # adopted, not started again
+
+
+async def test_with_every_replica_gone_the_controller_stops_the_models(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "REPLICA_TTL", 0.5)
+    monkeypatch.setattr(controller_module, "ORPHAN_SECONDS", 1.0)
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        ended: list[bool] = []
+        monkeypatch.setattr(controller_module, "_exit_actor", lambda: ended.append(True))
+        one = await replica()
+        await one.resolve("m").ensure_ready()
+        pid = read_pids(spawn_log)[0]
+        for task in list(one._tasks):  # killed: no more reports, no goodbye
+            task.cancel()
+        await wait_until(lambda: bool(ended), timeout=10)
+        shared = await _shared(controller)
+        assert shared.resolve("m").state.value == "stopped"
+        await wait_until(lambda: not alive(pid), timeout=5)

@@ -259,6 +259,7 @@ class SharedSupervisor(Supervisor):
             booked=self.booked(name),
             placed_on=self.placed_on(name),
             idle_seconds=runtime.idle_seconds(now),
+            memory_now=self.footprints.current(name),
         )
 
 
@@ -282,6 +283,7 @@ class _Core:
         self.replicas = Replicas()
         self.tasks: list[asyncio.Task[None]] = []
         self.supervisor: SharedSupervisor | None = None
+        self.closed = False
 
     async def boot(self) -> _Core:
         config = self.loaded.config
@@ -349,6 +351,9 @@ class _Core:
                 return
 
     async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()

@@ -255,6 +255,7 @@ class ReplicaSupervisor(Supervisor):
             shown = self.registry.get(name)
             if isinstance(shown, ReplicaRuntime):
                 shown.show(view, reply.stamp)
+                self.footprints.show(name, view.memory_now)
         for name, lines in reply.logs.items():
             if not lines:
                 continue

@@ -68,6 +68,7 @@ class ModelView:
     booked: dict[str, int]
     placed_on: dict[str, str]
     idle_seconds: float
+    memory_now: dict[str, int]  # its engine's latest memory reading, by device key
 
 
 @dataclass(frozen=True, slots=True)

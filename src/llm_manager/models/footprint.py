@@ -165,6 +165,7 @@ class FootprintBook:
         self._clock = clock
         self._book: dict[tuple[str, str, str], Footprint] = {}
         self._runs: dict[str, _Run] = {}
+        self._shown: dict[str, dict[str, int]] = {}  # show()
 
     def load(self) -> None:
         if self._store is None:
@@ -202,7 +203,14 @@ class FootprintBook:
     def current(self, model: str) -> dict[str, int]:
         """The latest reading of a running model, by Device.key ({} when none)."""
         run = self._runs.get(model)
-        return dict(run.current) if run is not None else {}
+        if run is not None:
+            return dict(run.current)
+        return dict(self._shown.get(model, {}))
+
+    def show(self, model: str, reading: dict[str, int]) -> None:
+        """A reading taken by another process, shown as the model's latest (a gateway
+        replica shows its controller's: cluster/replica.py); not recorded here."""
+        self._shown[model] = reading
 
     def rows(self) -> list[Footprint]:
         return list(self._book.values())
