@@ -324,3 +324,22 @@ async def test_with_every_replica_gone_the_controller_stops_the_models(
         shared = await _shared(controller)
         assert shared.resolve("m").state.value == "stopped"
         await wait_until(lambda: not alive(pid), timeout=5)
+
+
+async def test_bulk_operations_on_a_replica_act_on_the_controller_s_models(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"a": _model(spawn_log, auto_start=True), "b": _model(spawn_log)}
+    async with _setup(tmp_path, models, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        await wait_until(lambda: shared.resolve("a").state.value == "routing", timeout=15)
+        await one.resolve("b").ensure_ready()
+        assert sorted(await one.stop_all("test")) == ["a", "b"]
+        assert {r.state.value for r in shared.runtimes} == {"stopped"}
+        started, failed = await one.restart_autostart()
+        assert (started, failed) == (["a"], {})
+        assert shared.resolve("a").state.value == "routing"
+        assert shared.resolve("b").state.value == "stopped"
+        assert await one.resolve("a").stop("asked on a replica")
+        assert shared.resolve("a").stop_reason == "asked on a replica"
