@@ -28,6 +28,7 @@ from llm_manager.errors import DeviceUnavailable, ModelBusy, ModelNotFound
 from llm_manager.logs import LogBook, LogSettings
 from llm_manager.models.launch import Launch
 from llm_manager.models.scheduler import Fit
+from llm_manager.ollama import keepalive
 from tests.conftest import alive, fake_command, read_pids, wait_until
 from tests.test_cluster_fake import FakeCluster
 from tests.test_cluster_fake import config as _config
@@ -343,3 +344,18 @@ async def test_bulk_operations_on_a_replica_act_on_the_controller_s_models(
         assert shared.resolve("b").state.value == "stopped"
         assert await one.resolve("a").stop("asked on a replica")
         assert shared.resolve("a").stop_reason == "asked on a replica"
+
+
+async def test_an_ollama_keep_alive_on_a_replica_reaches_the_controller(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        mine = one.resolve("m")
+        await mine.ensure_ready()
+        await _reported(one)
+        # What the Ollama facade does after a request with keep_alive 0 (ollama/facade.py).
+        mine.keep_alive = (keepalive.UNLOAD, mine.start_count)
+        await wait_until(lambda: shared.resolve("m").state.value == "stopped", timeout=10)
+        assert "idle" in str(shared.resolve("m").stop_reason)

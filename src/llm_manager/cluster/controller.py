@@ -365,6 +365,10 @@ class _Core:
     def sync(self, report: Report) -> SyncReply:
         sup = self.sup
         sup.count_replicas(self.replicas.report(report))
+        for name, keep in report.keep_alive.items():  # an Ollama request's, on that replica
+            runtime = sup.registry.get(name)
+            if runtime is not None and (keep is None or keep[1] == runtime.start_count):
+                runtime.keep_alive = keep
         now = time.monotonic()
         stamp = self.replicas.stamp()
         models = {r.name: sup.view(r, now) for r in sup.runtimes}

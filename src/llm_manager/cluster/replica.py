@@ -40,6 +40,9 @@ from llm_manager.store.footprints import FootprintStore
 log = logging.getLogger(__name__)
 
 
+_UNTOLD = (-1.0, -1)  # a keep_alive no request sets: the next report tells the real one
+
+
 class ControllerLink:
     """The controller's methods as coroutines; a controller that cannot be reached (ended,
     restarting) is a 503 for the request that needed it."""
@@ -79,6 +82,7 @@ class ReplicaRuntime(ModelRuntime):
         self._stamp = 0  # of the view shown: an older one is ignored
         self._draining = False
         self.requests = 0  # begun here (the controller sees a rise as use)
+        self.keep_alive_told: tuple[float, int] | None = None  # as last reported
 
     @property
     def pid(self) -> int | None:
@@ -237,10 +241,14 @@ class ReplicaSupervisor(Supervisor):
 
     def _report(self) -> Report:
         counts = {}
+        keep_alive = {}
         for runtime in self.runtimes:
             if isinstance(runtime, ReplicaRuntime):
                 counts[runtime.name] = Counts(runtime.pending, runtime.admitted, runtime.requests)
-        return Report(self.link.replica, self.link.label, self._seen, counts, dict(self._marks))
+                if runtime.keep_alive != runtime.keep_alive_told:
+                    keep_alive[runtime.name] = runtime.keep_alive_told = runtime.keep_alive
+        marks = dict(self._marks)
+        return Report(self.link.replica, self.link.label, self._seen, counts, marks, keep_alive)
 
     def _apply(self, reply: SyncReply) -> None:
         if reply.epoch != self._epoch:
@@ -269,7 +277,15 @@ class ReplicaSupervisor(Supervisor):
         self._seen = reply.stamp  # only now: every view of this reply is shown
 
     async def _sync_once(self) -> None:
-        reply: SyncReply = await self.link.call("sync", self._report())
+        report = self._report()
+        try:
+            reply: SyncReply = await self.link.call("sync", report)
+        except ModelUnavailable:
+            for name in report.keep_alive:  # not delivered: told again next time
+                runtime = self.registry.get(name)
+                if isinstance(runtime, ReplicaRuntime):
+                    runtime.keep_alive_told = _UNTOLD
+            raise
         self._apply(reply)
 
     async def _sync_loop(self) -> None:

@@ -42,6 +42,9 @@ class Report:
     seen: int  # the stamp of the newest reply applied before this report was made
     counts: dict[str, Counts]
     log_marks: dict[str, int]  # per model, the controller's log seq last copied
+    # Per model, an Ollama keep_alive set on the replica since its last report (the idle
+    # timeout of that run, with the run's start count), or None when it was cleared.
+    keep_alive: dict[str, tuple[float, int] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
