@@ -135,9 +135,11 @@ async def test_a_request_that_races_an_idle_stop_keeps_the_model(
         # A request begins on the replica, routed straight to the engine, not reported yet,
         # as the controller decides the model is unused.
         mine.acquire()
+        assert mine.try_admit()
         async with shared.quiesced(["m"]) as going:
             assert going == []  # the replica's report, made after it saw the drain, has it
         assert "m" not in shared.draining
+        mine.dismiss()
         mine.release()
         await _reported(one)
         async with shared.quiesced(["m"]) as going:
@@ -161,21 +163,22 @@ async def test_a_silent_replica_stops_counting(
         one, two = await replica(), await replica()
         shared = await _shared(controller)
         await one.resolve("m").ensure_ready()
-        two.resolve("m").acquire()  # in flight on the replica about to go silent
+        theirs = two.resolve("m")
+        theirs.acquire()  # in flight on the replica about to go silent
+        assert theirs.try_admit()
         await _reported(two)
-        assert shared.resolve("m").pending == 1
+        assert (shared.resolve("m").pending, shared.resolve("m").admitted) == (1, 1)
         for task in list(two._tasks):  # as if SIGKILLed: no more reports, no goodbye
             task.cancel()
         began = time.monotonic()
         async with shared.quiesced(["m"]) as going:
             waited = time.monotonic() - began
-            # Its word was waited for until it expired; its request ending counts as use.
-            assert going == []
-        assert REPLICA_TTL - 0.5 < waited < REPLICA_TTL + 2.5
-        assert shared.resolve("m").pending == 0
-        async with shared.quiesced(["m"]) as going:
+            # Its word was waited for until it expired; then its request no longer counts.
             assert going == ["m"]
-        two.resolve("m").release()
+        assert REPLICA_TTL - 0.5 < waited < REPLICA_TTL + 2.5
+        assert (shared.resolve("m").pending, shared.resolve("m").admitted) == (0, 0)
+        theirs.dismiss()
+        theirs.release()
 
 
 async def test_the_controller_s_refusals_reach_the_replica(
@@ -266,12 +269,31 @@ async def test_turns_are_kept_by_the_replicas(
             assert time.monotonic() < deadline, "x's turn never ended on the replica"
             await asyncio.sleep(0.05)
         assert not y_start.done()  # x's request is still in flight
+
+        async def held() -> str:  # a new request for x, held at the replica's door
+            x.acquire()
+            try:
+                await x.admit()
+                try:
+                    return await x.ensure_ready()
+                finally:
+                    x.dismiss()
+            finally:
+                x.release()
+
+        waiting = asyncio.create_task(held())
+        await asyncio.sleep(0.6)  # reported: pending on x, not admitted
+        assert not waiting.done() and x.held == 1
         x.dismiss()
         x.release()
+        # x goes although a request waits for it (its turn is over): y's turn.
         await asyncio.wait_for(y_start, 20)
         shared = await _shared(controller)
-        assert shared.resolve("x").state.value == "stopped"
         assert shared.resolve("y").state.value == "routing"
+        assert shared.resolve("x").start_count == 1 and shared.resolve("x").state.value != "routing"
+        # Then x's turn again, for the request that waited.
+        await asyncio.wait_for(waiting, 20)
+        assert shared.resolve("x").state.value == "routing" and shared.resolve("x").start_count == 2
 
 
 async def test_an_engine_is_adopted_only_under_its_unchanged_scheme(
@@ -359,3 +381,23 @@ async def test_an_ollama_keep_alive_on_a_replica_reaches_the_controller(
         mine.keep_alive = (keepalive.UNLOAD, mine.start_count)
         await wait_until(lambda: shared.resolve("m").state.value == "stopped", timeout=10)
         assert "idle" in str(shared.resolve("m").stop_reason)
+
+
+async def test_idle_unload_waits_for_a_request_that_began_as_it_fell_due(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = {"m": _model(spawn_log, idle_timeout="1s")}
+    async with _setup(tmp_path, models, monkeypatch) as (controller, replica):
+        one = await replica()
+        shared = await _shared(controller)
+        mine = one.resolve("m")
+        await mine.ensure_ready()
+        await asyncio.sleep(0.9)  # begins as the model falls idle, before any report of it
+        mine.acquire()
+        assert mine.try_admit()
+        await asyncio.sleep(2.0)
+        assert shared.resolve("m").state.value == "routing"
+        mine.dismiss()
+        mine.release()
+        await wait_until(lambda: shared.resolve("m").state.value == "stopped", timeout=5)
+        assert shared.resolve("m").start_count == 1

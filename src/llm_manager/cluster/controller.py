@@ -168,20 +168,22 @@ class SharedSupervisor(Supervisor):
 
     @contextlib.asynccontextmanager
     async def quiesced(self, names: Sequence[str]) -> AsyncIterator[list[str]]:
-        began = time.monotonic()
         mark = self.replicas.stamp()  # any reply from now on shows the mark
         for name in names:
             self.draining[name] = self.draining.get(name, 0) + 1
         try:
-            # Up to two reports per replica, or until the silent ones expire.
+            # Up to two reports per replica, or until the silent ones expire. From then on
+            # no replica sends these models a request by itself: what is in flight now is
+            # all there will be, and the caller's own condition (idle, swappable), checked
+            # again with the counts now reported, says whether the model goes.
             await self.replicas.all_seen(mark, REPLICA_TTL + 1.0)
             going = []
             for name in names:
                 runtime = self.registry.get(name)
                 if runtime is None:
                     continue
-                if runtime.pending or runtime.admitted or runtime.last_used > began:
-                    runtime.log.event("used on a gateway replica meanwhile: not stopped")
+                if runtime.admitted:
+                    runtime.log.event("in flight on a gateway replica meanwhile: not stopped")
                     continue
                 going.append(name)
             yield going

@@ -304,7 +304,9 @@ class Supervisor:
             if blockers:
                 self._note_wait(runtime, wait, blockers)
                 return None
-            async with self.quiesced(victims) as going:
+            async with self.quiesced(victims) as confirmed:
+                now = time.monotonic()
+                going = [v for v in confirmed if self.resolve(v).swappable(now)]
                 if not going:  # each was used meanwhile (another replica): plan again
                     continue
                 evicted.update(going)
@@ -475,7 +477,11 @@ class Supervisor:
                 and wanted & set(self._fits.get(r.name, Fit("", {}, {})).needs)
             ]
             async with self.quiesced([v.name for v in victims]) as going:
-                victims = [v for v in victims if v.name in going]
+                victims = [
+                    v
+                    for v in victims
+                    if v.name in going and v.state is State.ROUTING and not v.admitted
+                ]
                 for victim in victims:
                     log.info(
                         "evicting %s: %s ran out of memory while starting",
