@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 HOST_READY_TIMEOUT = 30.0  # an engine host placed on a node answers within this
 AGENT_PREFIX = "llm-manager-agent-"
 HOST_PREFIX = "llm-manager-engine-"
+# Detached hosts (keep_hosts), listed by kept_engines: a prefix of their own, so that a
+# manager without replicas in the same namespace never has its hosts taken for them.
+KEPT_PREFIX = "llm-manager-kept-"
 
 
 class MissingExtra(RuntimeError):
@@ -183,7 +186,7 @@ class RayCluster:
         else:
             owner, grace = self._keeper
             handle = self._kept_cls.options(
-                name=f"{HOST_PREFIX}{model}-{uuid.uuid4().hex[:12]}",
+                name=f"{KEPT_PREFIX}{model}-{uuid.uuid4().hex[:12]}",
                 lifetime="detached",
                 scheduling_strategy=self._strategy(info.node_id),
             ).remote(owner, self._config.namespace, grace)
@@ -204,7 +207,7 @@ class RayCluster:
         found = []
         for entry in ray.util.list_named_actors(all_namespaces=False):
             name = entry if isinstance(entry, str) else entry.get("name", "")
-            if not name.startswith(HOST_PREFIX):
+            if not name.startswith(KEPT_PREFIX):
                 continue
             try:
                 handle = ray.get_actor(name)
