@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -401,3 +402,23 @@ async def test_idle_unload_waits_for_a_request_that_began_as_it_fell_due(
         mine.release()
         await wait_until(lambda: shared.resolve("m").state.value == "stopped", timeout=5)
         assert shared.resolve("m").start_count == 1
+
+
+async def test_an_overtaken_view_is_not_shown(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        one = await replica()
+        for task in list(one._tasks):  # no sync replies meanwhile
+            task.cancel()
+        shared = await _shared(controller)
+        mine = one.resolve("m")
+        assert isinstance(mine, ReplicaRuntime)
+        base = shared.view(shared.resolve("m"), time.monotonic())
+        routing = dataclasses.replace(base, state="routing", port=1234)
+        stopped = dataclasses.replace(base, state="stopped", port=None)
+        mine.show(routing, 100, "run-1")
+        mine.show(stopped, 99, "run-1")  # made before the one shown: overtaken
+        assert mine.state.value == "routing" and mine.port == 1234
+        mine.show(stopped, 1, "run-2")  # a restarted controller counts afresh
+        assert mine.state.value == "stopped" and mine.port is None

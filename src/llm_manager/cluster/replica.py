@@ -79,7 +79,8 @@ class ReplicaRuntime(ModelRuntime):
         super().__init__(*args, **kwargs)
         self._link = link
         self._view: ModelView | None = None
-        self._stamp = 0  # of the view shown: an older one is ignored
+        self._stamp = 0  # of the view shown: an older one (same epoch) is ignored
+        self._epoch = ""  # the controller run that made it
         self._draining = False
         self.requests = 0  # begun here (the controller sees a rise as use)
         self.keep_alive_told: tuple[float, int] | None = None  # as last reported
@@ -107,14 +108,13 @@ class ReplicaRuntime(ModelRuntime):
         super().acquire()
         self.requests += 1
 
-    def new_epoch(self) -> None:
-        self._stamp = 0
-
-    def show(self, view: ModelView, stamp: int) -> None:
-        """Take the controller's view of the model, unless a newer one is shown already."""
-        if stamp <= self._stamp:
+    def show(self, view: ModelView, stamp: int, epoch: str) -> None:
+        """Take the controller's view of the model, unless a newer one of the same
+        controller run is shown already (a restarted controller counts afresh)."""
+        if epoch == self._epoch and stamp <= self._stamp:
             return
         self._stamp = stamp
+        self._epoch = epoch
         self._view = view
         self._draining = view.draining
         self._state = State(view.state)
@@ -138,7 +138,7 @@ class ReplicaRuntime(ModelRuntime):
         if answer.failure is not None:
             raise answer.failure.error()
         if answer.view is not None:
-            self.show(answer.view, answer.stamp)
+            self.show(answer.view, answer.stamp, answer.epoch)
 
     async def ensure_ready(self) -> str:
         while True:
@@ -256,13 +256,10 @@ class ReplicaSupervisor(Supervisor):
                 log.warning("the controller restarted: its models were started afresh")
             self._epoch = reply.epoch
             self._marks.clear()
-            for runtime in self.runtimes:
-                if isinstance(runtime, ReplicaRuntime):
-                    runtime.new_epoch()
         for name, view in reply.models.items():
             shown = self.registry.get(name)
             if isinstance(shown, ReplicaRuntime):
-                shown.show(view, reply.stamp)
+                shown.show(view, reply.stamp, reply.epoch)
                 self.footprints.show(name, view.memory_now)
         for name, lines in reply.logs.items():
             if not lines:
