@@ -422,3 +422,17 @@ async def test_an_overtaken_view_is_not_shown(
         assert mine.state.value == "routing" and mine.port == 1234
         mine.show(stopped, 1, "run-2")  # a restarted controller counts afresh
         assert mine.state.value == "stopped" and mine.port is None
+
+
+async def test_a_replica_with_other_models_than_the_controller_says_so(
+    tmp_path: Path,
+    spawn_log: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with _setup(tmp_path, {"m": _model(spawn_log)}, monkeypatch) as (controller, replica):
+        await replica()
+        assert "differs from the controller" not in caplog.text
+        await controller.reload(_config(tmp_path, {"n": _model(spawn_log)}))
+        await replica()  # started with the first file: its "m" is not the controller's
+        assert "models only here: m; only there: n" in caplog.text

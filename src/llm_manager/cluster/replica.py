@@ -185,11 +185,13 @@ class ReplicaSupervisor(Supervisor):
         self._seen = 0  # the stamp of the newest sync reply applied
         self._marks: dict[str, int] = {}  # per model, the controller's log seq copied
         self.replicas = 0  # live replicas, as the controller last said
+        self._shown_models: list[str] = []  # the controller's, as last said
         self.reached: float | None = None  # when the controller last answered a sync
 
     async def start(self) -> None:
         await asyncio.to_thread(self.footprints.load)
         await self._sync_once()  # the controller is started (or found) before serving
+        self._compare_models()
         self._spawn(self._sync_loop(), "replica sync")
         self._spawn(self._read_estimates(self.runtimes), "memory estimates")
 
@@ -226,6 +228,19 @@ class ReplicaSupervisor(Supervisor):
     def _view_of(self, name: str) -> ModelView | None:
         runtime = self.registry.get(name)
         return runtime.view if isinstance(runtime, ReplicaRuntime) else None
+
+    def _compare_models(self) -> None:
+        """Say so when this replica's models are not the controller's (it runs the
+        configuration of the replica that created it: docs/replicas.md)."""
+        mine = {r.name for r in self.runtimes}
+        theirs = set(self._shown_models)
+        if mine != theirs:
+            log.warning(
+                "this replica's configuration differs from the controller's: models only "
+                "here: %s; only there: %s (reload this replica, or every one, to align them)",
+                ", ".join(sorted(mine - theirs)) or "none",
+                ", ".join(sorted(theirs - mine)) or "none",
+            )
 
     def controller_health(self) -> dict[str, Any]:
         """For /health: whether the controller answers, and how many replicas it counts."""
@@ -269,6 +284,7 @@ class ReplicaSupervisor(Supervisor):
                 for line in lines:
                     copied.log.copy(line.timestamp, line.stream, line.message, line.level)
             self._marks[name] = lines[-1].seq
+        self._shown_models = list(reply.models)
         self.replicas = reply.replicas
         self.reached = time.monotonic()
         self._seen = reply.stamp  # only now: every view of this reply is shown
