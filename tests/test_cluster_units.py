@@ -192,6 +192,11 @@ def test_a_remote_launch_carries_only_what_the_manager_sets(tmp_path: Path) -> N
         launch.node_argv([str(tmp_path / "missing.sh")], True, {}, None)
 
 
+def fake_argv(port: int, *switches: str) -> list[str]:
+    """The fake model server's command with its placeholders filled (as a launch would)."""
+    return [a.replace("{port}", str(port)).replace("{name}", "m") for a in fake_command(*switches)]
+
+
 class InProcess:
     """HostCalls straight to an EngineHost in this process (what Ray carries across)."""
 
@@ -228,10 +233,7 @@ async def test_an_engine_on_a_node_logs_and_stops_with_its_grandchildren(
     engine = RemoteEngine("a", "127.0.0.1", calls)
     port = await engine.free_port()
     lines: list[tuple[str, str]] = []
-    argv = [
-        a.replace("{port}", str(port)).replace("{name}", "m")
-        for a in fake_command("--spawn-log", str(spawn_log), "--fork-grandchild")
-    ]
+    argv = fake_argv(port, "--spawn-log", str(spawn_log), "--fork-grandchild")
     await engine.start(
         argv, {"CUDA_VISIBLE_DEVICES": "3"}, None, False, lambda s, m: lines.append((s, m))
     )
@@ -264,7 +266,7 @@ async def test_an_engine_whose_host_is_lost_ends_with_the_reason(spawn_log: Path
     calls = Lost()
     engine = RemoteEngine("b", "127.0.0.1", calls)
     port = await engine.free_port()
-    argv = [a.replace("{port}", str(port)) for a in fake_command("--spawn-log", str(spawn_log))]
+    argv = fake_argv(port, "--spawn-log", str(spawn_log))
     await engine.start(argv, {}, None, False, lambda s, m: None)
     calls.gone.set()
     assert await asyncio.wait_for(engine.wait(), 5) == LOST_CODE
@@ -344,10 +346,7 @@ def test_the_node_command_refuses_bad_input() -> None:
 async def test_a_kept_host_stops_its_engine_once_its_owner_is_gone(spawn_log: Path) -> None:
     host = EngineHost()
     port = launch.free_port()
-    argv = [
-        a.replace("{port}", str(port)).replace("{name}", "m")
-        for a in fake_command("--spawn-log", str(spawn_log))
-    ]
+    argv = fake_argv(port, "--spawn-log", str(spawn_log))
     pid = await host.start(argv, {}, None, False)
     await host.keep({"model": "m"})
     assert (await host.describe())[:3] == ({"model": "m"}, pid, None)
@@ -372,10 +371,7 @@ async def test_an_engine_is_followed_again_from_the_line_it_had_reached(spawn_lo
     calls = InProcess()
     first = RemoteEngine("a", "127.0.0.1", calls)
     port = await first.free_port()
-    argv = [
-        a.replace("{port}", str(port)).replace("{name}", "m")
-        for a in fake_command("--spawn-log", str(spawn_log), "--tick", "0.05")
-    ]
+    argv = fake_argv(port, "--spawn-log", str(spawn_log), "--tick", "0.05")
     await first.start(argv, {}, None, False, lambda s, m: None)
     await wait_until(lambda: calls.host._seq >= 3)
     _, pid, code, seq = await calls.host.describe()

@@ -33,7 +33,7 @@ from llm_manager.ollama import keepalive
 from tests.conftest import alive, fake_command, read_pids, wait_until
 from tests.test_cluster_fake import FakeCluster
 from tests.test_cluster_fake import config as _config
-from tests.test_cluster_units import InProcess
+from tests.test_cluster_units import InProcess, fake_argv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,7 +78,7 @@ async def _setup(
             link = ControllerLink(Direct(controller), f"replica {len(made)}")
             logbook = LogBook(None, LogSettings(1000, 0, 0))
             monitor = DeviceMonitor([ClusterProvider(cluster)])
-            sup = ReplicaSupervisor(loaded, monitor, http, logbook, None, cluster, link)
+            sup = ReplicaSupervisor(loaded, monitor, http, logbook, None, cluster, link=link)
             await sup.start()
             made.append(sup)
             return sup
@@ -307,10 +307,7 @@ async def test_an_engine_is_adopted_only_under_its_unchanged_scheme(
         calls = InProcess()
         earlier = RemoteEngine("a", "127.0.0.1", calls)
         port = await earlier.free_port()
-        argv = [
-            a.replace("{port}", str(port)).replace("{name}", "m")
-            for a in fake_command("--spawn-log", str(spawn_log))
-        ]
+        argv = fake_argv(port, "--spawn-log", str(spawn_log))
         await earlier.start(argv, {}, None, False, lambda s, m: None)
         fit = Fit("gpu", {"cuda:0": "a/cuda:0"}, {"a/cuda:0": 1000}, node="a")
         scheme = shared.resolve("m").spec.schemes["gpu"]

@@ -8,17 +8,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +25,17 @@ import yaml
 from tests.balancer import Balancer, find_nginx
 from tests.conftest import alive, fake_command, read_pids
 from tests.test_cluster import ray_cluster  # noqa: F401 - the module's cluster fixture
+from tests.test_server_process import Manager, launch
 
 pytestmark = pytest.mark.timeout(240)
 
-CLI = [sys.executable, "-m", "llm_manager"]
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@dataclass
-class Replica:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
+class Replica(Manager):
     @property
     def address(self) -> str:
         return self.url.removeprefix("http://")
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
 
 
 def _config(
@@ -75,24 +63,8 @@ def _model(spawn_log: Path, *switches: str, **extra: Any) -> dict[str, Any]:
 
 def _launch(config: Path, folder: Path) -> Replica:
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "replica.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--config", str(config), "--port", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
-        if found:
-            return Replica(proc, log, found.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("replica did not start:\n" + log.read_text())
+    started = launch(config, folder, timeout=90)  # joining Ray, finding the controller
+    return Replica(started.proc, started.log, started.url)
 
 
 @pytest.fixture
@@ -379,9 +351,7 @@ def test_a_restarted_controller_adopts_the_running_engine(
         with urllib.request.urlopen(logs, timeout=30) as resp:
             assert resp.read().decode().count("adopted the running engine") == 2
         # Adopted, it is the controller's as any other: a stop ends it.
-        request = urllib.request.Request(one.url + "/api/models/m/stop", method="POST", data=b"")
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            assert resp.status == 200
+        assert one.post("/api/models/m/stop")["success"]
         _wait(lambda: not alive(engine), 10, "the adopted engine stopped")
         _wait(lambda: _info(two)["status"] == "stopped", 5, "the other replica sees it stopped")
     finally:

@@ -54,8 +54,9 @@ def write_config(tmp_path: Path, models: dict[str, Any], **server: Any) -> Path:
     return path
 
 
-def launch(config: Path, tmp_path: Path, *options: str) -> Manager:
-    """`llm-manager serve` on a free port; returns once it says where it listens."""
+def launch(config: Path, tmp_path: Path, *options: str, timeout: float = 30) -> Manager:
+    """`llm-manager serve` on a free port; returns once it says where it listens (within
+    ``timeout`` seconds)."""
     log = tmp_path / "manager.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -63,7 +64,7 @@ def launch(config: Path, tmp_path: Path, *options: str) -> Manager:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
         if found:

@@ -35,6 +35,7 @@ from llm_manager.logs import LogBook, LogSettings
 from llm_manager.messages import Messages
 from llm_manager.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_manager.metrics import Metrics
+from llm_manager.models.runtime import probe_session
 from llm_manager.models.supervisor import Supervisor
 from llm_manager.ollama.facade import OllamaFacade
 from llm_manager.reload import Reloader
@@ -73,17 +74,19 @@ class Application:
         self.usage = UsageStore(self.db)
         self.logbook = LogBook(
             LogStore(self.db),
-            LogSettings(
-                buffer_lines=server.log_buffer_lines,
-                retention=server.log_retention,
-                max_lines=server.log_max_lines,
-            ),
+            LogSettings.of(server),
         )
         self.replica = link is not None  # a gateway replica: docs/replicas.md
         self.supervisor: Supervisor
         if link is not None:
             self.supervisor = ReplicaSupervisor(
-                loaded, self.monitor, http, self.logbook, FootprintStore(self.db), cluster, link
+                loaded,
+                self.monitor,
+                http,
+                self.logbook,
+                FootprintStore(self.db),
+                cluster,
+                link=link,
             )
         else:
             self.supervisor = Supervisor(
@@ -142,18 +145,11 @@ class Application:
         overrides: dict[str, object] | None = None,
         watch: bool = False,
     ) -> Application:
-        # For health probes (the relay has its own client, gateway/upstream.py). Its idle
-        # keep-alive (4 s) stays below llama.cpp's (5 s), so the pool drops a connection
-        # before the engine does. No session-wide timeout: each probe sets its own.
         cluster = await join_cluster(loaded.config.cluster)
         link = None
         if cluster is not None and loaded.config.cluster and loaded.config.cluster.replicas:
             link = await controller_link(cluster, loaded)
-        http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
-        )
-        return cls(loaded, http, overrides, watch, cluster, link)
+        return cls(loaded, probe_session(), overrides, watch, cluster, link)
 
     def _build_management(self, say: Messages) -> FastAPI:
         @asynccontextmanager

@@ -16,10 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llm_manager.errors import StorageUnavailable
 from llm_manager.loglevel import INFO, LEVELS, StreamLevels
+
+if TYPE_CHECKING:
+    from llm_manager.config import ServerConfig
 
 log = logging.getLogger("llm_manager.model")
 
@@ -168,6 +171,10 @@ class LogSettings:
     buffer_lines: int  # per model, in memory
     retention: float  # seconds; 0 = keep forever
     max_lines: int  # per model, in SQLite; 0 = no limit
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> LogSettings:
+        return cls(server.log_buffer_lines, server.log_retention, server.log_max_lines)
 
 
 class LogBook:

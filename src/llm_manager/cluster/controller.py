@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from llm_manager.cluster.nodes import Cluster
 from llm_manager.cluster.ray_backend import RayCluster
 from llm_manager.cluster.remote import RemoteEngine
@@ -49,9 +47,9 @@ from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import ManagerError
 from llm_manager.logs import LogBook, LogSettings
-from llm_manager.models.runtime import ModelRuntime, State
+from llm_manager.models.runtime import ModelRuntime, State, probe_session
 from llm_manager.models.supervisor import Supervisor
-from llm_manager.store.db import Database, for_store
+from llm_manager.store.db import for_store
 from llm_manager.store.footprints import FootprintStore
 from llm_manager.store.logs import LogStore
 
@@ -84,9 +82,6 @@ class Replicas:
 
     def __len__(self) -> int:
         return len(self._live)
-
-    def labels(self) -> list[str]:
-        return [r.label for r in self._live.values()]
 
     def report(self, report: Report) -> set[str]:
         """Take a replica's report; the models it began requests for since its last one."""
@@ -218,7 +213,6 @@ class SharedSupervisor(Supervisor):
             runtime is None
             or runtime.state is not State.STOPPED
             or runtime.spec.schemes.get(scheme) != kept.scheme
-            or kept.model in self._fits
         ):
             return False
         engine.attach(pid, seq, runtime.log.append)
@@ -265,16 +259,6 @@ class SharedSupervisor(Supervisor):
         )
 
 
-def log_book(db: Database, loaded: LoadedConfig) -> LogBook:
-    server = loaded.config.server
-    settings = LogSettings(
-        buffer_lines=server.log_buffer_lines,
-        retention=server.log_retention,
-        max_lines=server.log_max_lines,
-    )
-    return LogBook(LogStore(db), settings)
-
-
 class _Core:
     """Everything the controller runs, built on its first call (inside its event loop)."""
 
@@ -296,16 +280,12 @@ class _Core:
             cluster = self._given
         else:
             cluster = await asyncio.to_thread(RayCluster.connect, config.cluster)
-        self.cluster = cluster
         monitor = DeviceMonitor([ClusterProvider(cluster)])
         server.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = for_store(config.store, server.data_dir)
         await asyncio.to_thread(self.db.open)
-        self.logbook = log_book(self.db, self.loaded)
-        self.http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
-        )
+        self.logbook = LogBook(LogStore(self.db), LogSettings.of(server))
+        self.http = probe_session()
         self.supervisor = SharedSupervisor(
             self.loaded,
             monitor,
@@ -484,11 +464,3 @@ class Controller:
         work: adopting them, counting replicas)."""
         await self._get()
         return True
-
-    async def describe(self) -> dict[str, Any]:
-        core = await self._get()
-        return {
-            "epoch": self._epoch,
-            "replicas": core.replicas.labels(),
-            "models": [r.name for r in core.sup.runtimes],
-        }

@@ -205,8 +205,7 @@ class RayCluster:
         ray = self._ray
         self._list_nodes()
         found = []
-        for entry in ray.util.list_named_actors(all_namespaces=False):
-            name = entry if isinstance(entry, str) else entry.get("name", "")
+        for name in ray.util.list_named_actors(all_namespaces=False):  # names, this namespace
             if not name.startswith(KEPT_PREFIX):
                 continue
             try:

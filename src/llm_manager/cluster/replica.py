@@ -17,9 +17,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
-from llm_manager.cluster.nodes import Cluster
 from llm_manager.cluster.shared import (
     REPLICA_TTL,
     SYNC_PERIOD,
@@ -30,12 +27,9 @@ from llm_manager.cluster.shared import (
     SyncReply,
 )
 from llm_manager.config import LoadedConfig
-from llm_manager.devices.monitor import DeviceMonitor
 from llm_manager.errors import ModelUnavailable
-from llm_manager.logs import LogBook
 from llm_manager.models.runtime import ModelRuntime, State
 from llm_manager.models.supervisor import Supervisor
-from llm_manager.store.footprints import FootprintStore
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +162,10 @@ class ReplicaSupervisor(Supervisor):
     """The supervisor of a gateway replica: the registry and the planner's preview are its
     own; starting, stopping and the memory ledger are the controller's."""
 
-    def __init__(
-        self,
-        loaded: LoadedConfig,
-        monitor: DeviceMonitor,
-        http: aiohttp.ClientSession,
-        logbook: LogBook,
-        footprints: FootprintStore | None,
-        cluster: Cluster | None,
-        link: ControllerLink,
-    ) -> None:
+    def __init__(self, *args: Any, link: ControllerLink, **kwargs: Any) -> None:
         self.link = link
         self._runtime_type = functools.partial(ReplicaRuntime, link=link)
-        super().__init__(loaded, monitor, http, logbook, footprints, cluster)
+        super().__init__(*args, **kwargs)
         self._epoch = ""
         self._seen = 0  # the stamp of the newest sync reply applied
         self._marks: dict[str, int] = {}  # per model, the controller's log seq copied

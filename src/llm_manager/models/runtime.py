@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from llm_manager.cluster.remote import RemoteEngine
 
 
+def probe_session() -> aiohttp.ClientSession:
+    """The HTTP client of the readiness probes (the relay has its own: gateway/upstream.py).
+    Its idle keep-alive (4 s) stays below llama.cpp's (5 s), so the pool drops a connection
+    before the engine does. No session-wide timeout: each probe sets its own."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+    )
+
+
 class State(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
