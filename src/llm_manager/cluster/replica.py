@@ -84,10 +84,6 @@ class ReplicaRuntime(ModelRuntime):
         return self._view.pid if self._view is not None else None
 
     @property
-    def local_pid(self) -> int | None:
-        return None  # never this process's child
-
-    @property
     def node(self) -> str | None:
         return self._view.node if self._view is not None else None
 
@@ -153,9 +149,6 @@ class ReplicaRuntime(ModelRuntime):
         answer: Answer = await self._link.call("stop", self.name, reason)
         self._take(answer)
         return answer.stopped
-
-    async def restart_for_config(self) -> None:
-        return None  # the controller restarts it
 
 
 class ReplicaSupervisor(Supervisor):
