@@ -139,7 +139,8 @@ class Bench:
         self.litellm_exe = procs.find_litellm(args.litellm)
         self.groups = [g for g in (args.only.split(",") if args.only else GROUPS) if g]
         self.notes: list[str] = []
-        self.ports = {k: procs.free_port() for k in ("fast", "sse", "llama", "tail")}
+        names = ("fast", "sse", "llama", "tail")
+        self.ports = dict(zip(names, procs.free_ports(len(names)), strict=True))
         self.backend_pids: dict[str, int] = {}
         self.gateways: dict[str, tuple[Any, dict[str, int]]] = {}  # name -> (proc, ports)
         self.manager_url = ""
@@ -260,8 +261,15 @@ class Bench:
             return None
 
     def start_proxies(self, backends: list[str], goproxy: Path | None) -> None:
+        # Every proxy's listening ports chosen at once, so all are distinct (one at a time,
+        # the kernel may hand a port out twice).
+        free = iter(procs.free_ports(3 * len(backends)))
+
+        def take() -> dict[int, int]:  # listening port -> backend port
+            return {next(free): self.ports[b] for b in backends}
+
         if goproxy is not None:
-            routes = {procs.free_port(): self.ports[b] for b in backends}
+            routes = take()
             proc = procs.start_goproxy(self.procs, goproxy, routes)
             self.gateways["go-proxy"] = proc, dict(zip(backends, routes, strict=True))
         if self.nginx is None:
@@ -269,10 +277,10 @@ class Bench:
                 "nginx not found (or --nginx none): no nginx target; fast backends on aiohttp.web"
             )
         else:
-            routes = {procs.free_port(): self.ports[b] for b in backends}
+            routes = take()
             proc = procs.start_nginx_proxy(self.procs, self.nginx, self.workdir, routes)
             self.gateways["nginx"] = proc, dict(zip(backends, routes, strict=True))
-        routes = {procs.free_port(): self.ports[b] for b in backends}
+        routes = take()
         proc = procs.start_minimal_relay(self.procs, routes)
         self.gateways["minimal-relay"] = proc, dict(zip(backends, routes, strict=True))
 
