@@ -267,6 +267,9 @@ async def test_forwarding_of_any_path_with_query_model_and_headers(
         async with mgr.http.get(mgr.url + "/v1/echo?model=m&x=1", headers=headers) as resp:
             assert resp.status == 200
             assert resp.headers["X-Fake"] == "yes"
+            # Its length is announced: nothing for a proxy in front to hold back.
+            assert "Content-Length" in resp.headers
+            assert "X-Accel-Buffering" not in resp.headers
             echo = await resp.json()
         assert echo["method"] == "GET" and echo["path"] == "/v1/echo"
         assert echo["query"] == "model=m&x=1"

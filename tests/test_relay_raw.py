@@ -210,6 +210,7 @@ async def test_a_transfer_encoding_not_ending_in_chunked_is_not_chunked(
             mgr.url + CHAT, data=chat_body("one"), headers={"Content-Type": "application/json"}
         ) as resp:
             assert resp.status == 200
+            assert resp.headers["X-Accel-Buffering"] == "no"  # no length: it may trickle
             # Its body ends with the connection, relayed byte for byte: not de-chunked.
             assert await resp.read() == NOT_CHUNKED_BODY
         assert await statuses(mgr) == [200]

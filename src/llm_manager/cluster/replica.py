@@ -130,9 +130,12 @@ class ReplicaRuntime(ModelRuntime):
         if answer.view is not None:
             self.show(answer.view, answer.stamp, answer.epoch)
 
+    def routes_now(self) -> bool:
+        return self._state is State.ROUTING and not self._draining and self.port is not None
+
     async def ensure_ready(self) -> str:
         while True:
-            if self._state is State.ROUTING and not self._draining and self.port is not None:
+            if self.routes_now():
                 return self.base_url
             self._start_waiters += 1
             try:

@@ -9,7 +9,6 @@ before the model has answered a byte.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -73,6 +72,7 @@ _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 # server wait for bytes that never come.
 _DROP_BODILESS = _DROP_RESPONSE | {b"content-length"}
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # they name no other header
 _LARGE_BODY = 1024 * 1024  # bodies from this size on are read into one preallocated buffer
 _LEADING_SPACE = (b"", b" ", b"\t", b"\r", b"\n")
 _JSON_SCAN_LIMIT = 16 * 1024 * 1024  # larger JSON answers are relayed but not scanned
@@ -181,6 +181,7 @@ class Gateway:
         # The passthrough keeps the client's Accept-Encoding: llama.cpp serves its web UI
         # only gzipped, to clients that accept gzip.
         self._drop_raw = self._drop - {b"accept-encoding"}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -292,18 +293,84 @@ class Gateway:
         stream: bool,
         target: bytes | None = None,
     ) -> None:
+        """One forwarded request from the model's door to the end of its answer: the turn
+        door, the concurrency gate, the start, the exchange, the record. The common case
+        (the model routing, a free slot) awaits nothing before the model server's answer:
+        one coroutine per request here, not one per step (each costs CPU on every request).
+        """
+        perf_counter = time.perf_counter
         record = RequestRecord(runtime.name, scope["path"], scope["method"], stream=stream)
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # Kept: asyncio.get_running_loop() and current_task() without a loop each cost a
+            # getpid() system call (CPython 3.11), twice per request for nothing.
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
-        loop = asyncio.get_running_loop()
         watcher = _DisconnectWatcher(receive, task, send, loop, self._settings.read_timeout)
         send = watcher.send
         # Most answers come back quickly: only a request still running after a moment gets
         # a task that watches for its client leaving (a task per request costs ~25% CPU).
         handle = loop.call_later(WATCH_AFTER, watcher.start)
         runtime.acquire()
+        gate = runtime.gate
+        queued = perf_counter()
+        own_time = queued - began  # reading, checking: the gateway's own work
+        entered = admitted = False
+        stops = -1
+        keepalive: _KeepAlive | None = None
+        period = self._settings.stream_keepalive
         try:
-            await self._relay(runtime, scope, receive, send, body, record, began, stream, target)
+            try:
+                if period and stream and (runtime.state is not State.ROUTING or runtime.turn_ends):
+                    keepalive = _KeepAlive(send, period, runtime.name)  # it may have to wait
+                try:
+                    if not runtime.try_admit():
+                        await runtime.admit()  # its turn is over: wait until it is swapped
+                    entered = True
+                    if not gate.try_acquire():
+                        await gate.acquire()  # 429 when the queue is full
+                    admitted = True
+                    if not runtime.routes_now():
+                        await runtime.ensure_ready()  # 503 or 502 when it cannot start
+                    record.wait_ms = (perf_counter() - queued) * 1000
+                    stops = runtime.stops  # a stop from now on cuts this request: say so
+                    if keepalive is not None:
+                        await keepalive.stop()
+                    upstream = await self._open(runtime, scope, body, target)  # 502 or 504
+                except ManagerError as exc:
+                    if isinstance(exc, UpstreamFailed) and stops >= 0 and runtime.stops != stops:
+                        exc = UpstreamFailed(_stopped_while_answering(runtime))
+                    record.status, record.error = exc.status, exc.message
+                    if keepalive is not None:
+                        await keepalive.stop()
+                        if keepalive.started:  # the client already has a 200 and a stream
+                            await send(_error_event(exc.message, exc.kind, exc.status))
+                            return
+                    await self._error(scope, receive, send, exc)
+                    return
+                # The gateway's own time runs on from here as if without the waits.
+                own_from = perf_counter() - own_time
+                started = keepalive is not None and keepalive.started
+                try:
+                    await self._pipe(
+                        upstream, send, record, began, own_from, started, target, runtime, stops
+                    )
+                except UpstreamError:
+                    if runtime.stops == stops:
+                        raise
+                    # Cut by a stop, an eviction or the manager's shutdown: the record
+                    # says so (an event stream's error event already did).
+                    record.error = _stopped_while_answering(runtime)
+                finally:
+                    upstream.release()
+            finally:
+                if keepalive is not None:
+                    await keepalive.stop()
+                if admitted:
+                    gate.release()
+                if entered:
+                    runtime.dismiss()
         except asyncio.CancelledError:
             if watcher.fired is None:
                 raise
@@ -322,85 +389,8 @@ class Gateway:
             watcher.stop()
             runtime.release()
             record.ended_at = time.time()
-            record.duration_ms = (time.perf_counter() - began) * 1000
+            record.duration_ms = (perf_counter() - began) * 1000
             self._record(record)
-
-    async def _relay(
-        self,
-        runtime: ModelRuntime,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        body: bytes,
-        record: RequestRecord,
-        began: float,
-        stream: bool,
-        target: bytes | None = None,
-    ) -> None:
-        gate = runtime.gate
-        queued = time.perf_counter()
-        own_time = queued - began  # reading, checking: the gateway's own work
-        entered = admitted = False
-        stops = -1
-        keepalive: _KeepAlive | None = None
-        period = self._settings.stream_keepalive
-        if period and stream and (runtime.state is not State.ROUTING or runtime.turn_ends):
-            keepalive = _KeepAlive(send, period, runtime.name)  # it may have to wait
-        try:
-            try:
-                if not runtime.try_admit():
-                    await runtime.admit()  # its turn is over: wait until it has been swapped
-                entered = True
-                await gate.acquire()  # 429 when the queue is full
-                admitted = True
-                await runtime.ensure_ready()  # 503 or 502 when it cannot start
-                record.wait_ms = (time.perf_counter() - queued) * 1000
-                stops = runtime.stops  # a stop from now on cuts this request: say so
-                if keepalive is not None:
-                    await keepalive.stop()
-                upstream = await self._open(runtime, scope, body, target)  # 502 or 504
-            except ManagerError as exc:
-                if isinstance(exc, UpstreamFailed) and stops >= 0 and runtime.stops != stops:
-                    exc = UpstreamFailed(_stopped_while_answering(runtime))
-                record.status, record.error = exc.status, exc.message
-                if keepalive is not None:
-                    await keepalive.stop()
-                    if keepalive.started:  # the client already has a 200 and a stream
-                        await send(_error_event(exc.message, exc.kind, exc.status))
-                        return
-                await self._error(scope, receive, send, exc)
-                return
-            # The gateway's own time runs on from here as if without the waits.
-            own_from = time.perf_counter() - own_time
-            started = keepalive is not None and keepalive.started
-            try:
-                try:
-                    await self._pipe(
-                        upstream,
-                        send,
-                        record,
-                        began,
-                        own_from,
-                        started,
-                        target,
-                        runtime,
-                        stops,
-                    )
-                except UpstreamError:
-                    if runtime.stops == stops:
-                        raise
-                    # Cut by a stop, an eviction or the manager's shutdown: the record
-                    # says so (an event stream's error event already did).
-                    record.error = _stopped_while_answering(runtime)
-            finally:
-                upstream.release()
-        finally:
-            if keepalive is not None:
-                await keepalive.stop()
-            if admitted:
-                gate.release()
-            if entered:
-                runtime.dismiss()
 
     async def _open(
         self, runtime: ModelRuntime, scope: Scope, body: bytes, passthrough: bytes | None
@@ -427,25 +417,33 @@ class Gateway:
         host = runtime.host  # this machine, or the engine's node in cluster mode
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
         settings = self._settings
-        request = functools.partial(
-            self._upstream.request,
-            host,
-            port,
-            head,
-            body,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            head_only=method == "HEAD",
-        )
+        head_only = method == "HEAD"
         try:
             try:
-                return await request()
+                return await self._upstream.request(
+                    host,
+                    port,
+                    head,
+                    body,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                    head_only=head_only,
+                )
             except Dropped as exc:
                 # The retry rule (upstream.py): again only what certainly did not reach the
                 # engine, or an idempotent request that met a reused connection closed before
                 # any byte of the answer. A POST the engine may have read is never sent twice.
                 if exc.may_retry(method, headers):
-                    return await request(fresh=True)  # certainly a new connection
+                    return await self._upstream.request(  # certainly a new connection
+                        host,
+                        port,
+                        head,
+                        body,
+                        connect_timeout=settings.connect_timeout,
+                        read_timeout=settings.read_timeout,
+                        head_only=head_only,
+                        fresh=True,
+                    )
                 if exc.reused:
                     raise UpstreamFailed(
                         f"the model server failed: {exc}; not sent again: the model server "
@@ -490,15 +488,18 @@ class Gateway:
         headers = []
         drop = _DROP_BODILESS if upstream.status in (204, 304) else _DROP_RESPONSE
         named: bytes | None = None  # the Connection header's value, if any
-        for name, value in upstream.headers:
-            name = name.lower()
+        for name, value in upstream.headers:  # names in lower case (upstream.py)
             if name not in drop:
                 headers.append((name, value))
             elif name == b"connection":
                 named = value
-        if named is not None:
+        if named is not None and named.lower() not in _PLAIN_CONNECTION:
             headers = without_connection_named(headers, named)
-        headers.append(_NO_BUFFERING)
+        if sse or not upstream.sized:
+            # A stream (or an answer of unknown length, which may come piece by piece):
+            # a proxy in front must not hold it back. An answer of a known length loses
+            # nothing by being buffered, and each header costs the server a little.
+            headers.append(_NO_BUFFERING)
         # The gateway's own time before the answer starts: its checks, plus the turnaround
         # of the model's headers (waits for a queue slot or a start are not counted).
         overhead = (time.perf_counter() - own_from) * 1000
@@ -697,8 +698,8 @@ def _content_type(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an answer's body is compressed (Content-Encoding other than identity)."""
-    for name, value in headers:
-        if name.lower() == b"content-encoding" and value.strip().lower() != b"identity":
+    for name, value in headers:  # names in lower case (upstream.py)
+        if name == b"content-encoding" and value.strip().lower() != b"identity":
             return True
     return False
 

@@ -234,6 +234,7 @@ class _Connection(asyncio.Protocol):
         self._interim = False  # inside a 1xx answer, which precedes the real one
         self._framed = False  # Content-Length or chunked: the end is not the connection's end
         self.chunked = False
+        self.sized = False  # the answer's length is announced (Content-Length)
         self._after_chunked = False  # the previous answer on this connection was chunked
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -439,7 +440,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.headers_done:  # chunked trailers are not the answer's headers
-            self.headers.append((name, value))
+            # Lowered once here: every reader of the names (framing below, the relay's
+            # filter) compares them in lower case, and HTTP/2-style lower-case names are
+            # what the relay sends on.
+            self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -456,19 +460,19 @@ class _Connection(asyncio.Protocol):
         length = False
         coding: bytes | None = None
         for name, value in self.headers:  # the one pass that looks at header names
-            lowered = name.lower()
-            if lowered == b"content-type":
+            if name == b"content-type":
                 self.content_type = self.content_type or value
-            elif lowered == b"content-length":
+            elif name == b"content-length":
                 length = True
-            elif lowered == b"transfer-encoding":
+            elif name == b"transfer-encoding":
                 coding = value  # the last one holds the final coding
-            elif lowered == b"keep-alive":
+            elif name == b"keep-alive":
                 self.keep_alive_timeout, self.keep_alive_max = keep_alive_params(value)
         # As the parser frames it (RFC 9112 section 6.3): chunked only as the final coding; any
         # other Transfer-Encoding means the body ends with the connection.
         self.chunked = coding is not None and is_chunked(coding)
         self._framed = self.chunked if coding is not None else length
+        self.sized = coding is None and length  # framed by Content-Length
         self.headers_done = True
         if self._head_only:
             # A HEAD answer has no body whatever its Content-Length says; the parser cannot
@@ -555,20 +559,21 @@ class Response:
     """An answer being read. ``read()`` gives what has arrived, b"" at the end; ``release()``
     must follow, once (the connection goes back to the pool only after a complete answer)."""
 
-    __slots__ = ("_conn", "_pool", "_released", "content_type", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_released", "content_type", "headers", "sized", "status")
 
     def __init__(self, conn: _Connection, pool: UpstreamPool) -> None:
         self._conn = conn
         self._pool = pool
         self._released = False
         self.status = conn.status
-        self.headers = conn.headers  # raw (name, value) pairs as the server sent them
+        self.headers = conn.headers  # (name, value) pairs as sent, the names in lower case
         self.content_type = conn.content_type  # b"" when absent
+        self.sized = conn.sized  # Content-Length: the whole length is known up front
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (``name`` in lower case)."""
         for key, value in self.headers:
-            if key.lower() == name:
+            if key == name:
                 return value
         return None
 

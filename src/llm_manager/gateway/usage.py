@@ -13,14 +13,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 _DECODER = json.JSONDecoder()
 _MARKERS = (b'"usage"', b'"timings"')
 MAX_SSE_LINE = 1 << 20  # a data line longer than this cannot be scanned; it is skipped
-# Spelled out rather than dataclasses.fields(): merging runs for every relayed answer.
-_FIELD_NAMES = ("prompt_tokens", "completion_tokens", "cache_n", "prompt_n", "predicted_n")
 
 
-@dataclass
+# Every method spells its five fields out (no loop over dataclasses.fields(), no getattr):
+# usage is read from every relayed answer, and each call here is CPU on the hot path.
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -30,24 +32,36 @@ class Usage:
 
     def merge(self, other: Usage) -> None:
         """Take every field the other one knows (later events refine earlier ones)."""
-        for f in _FIELD_NAMES:
-            value = getattr(other, f)
-            if value is not None:
-                setattr(self, f, value)
+        if other.prompt_tokens is not None:
+            self.prompt_tokens = other.prompt_tokens
+        if other.completion_tokens is not None:
+            self.completion_tokens = other.completion_tokens
+        if other.cache_n is not None:
+            self.cache_n = other.cache_n
+        if other.prompt_n is not None:
+            self.prompt_n = other.prompt_n
+        if other.predicted_n is not None:
+            self.predicted_n = other.predicted_n
 
     def completed(self) -> Usage:
         """Fill token counts from llama.cpp's timings when no ``usage`` came (its streams
         carry ``timings`` only, unless the client asked for ``include_usage``)."""
-        out = Usage(**{f: getattr(self, f) for f in _FIELD_NAMES})
-        if out.prompt_tokens is None and out.prompt_n is not None:
-            out.prompt_tokens = out.prompt_n + (out.cache_n or 0)
-        if out.completion_tokens is None and out.predicted_n is not None:
-            out.completion_tokens = out.predicted_n
-        return out
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        if prompt is None and self.prompt_n is not None:
+            prompt = self.prompt_n + (self.cache_n or 0)
+        if completion is None and self.predicted_n is not None:
+            completion = self.predicted_n
+        return Usage(prompt, completion, self.cache_n, self.prompt_n, self.predicted_n)
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, f) is None for f in _FIELD_NAMES)
+        return (
+            self.prompt_tokens is None
+            and self.completion_tokens is None
+            and self.cache_n is None
+            and self.prompt_n is None
+            and self.predicted_n is None
+        )
 
 
 # A token count outside this range is not one (and would not fit SQLite's INTEGER).
@@ -55,12 +69,12 @@ _MAX_COUNT = 1 << 53
 
 
 def _int(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
+    if type(value) is int:  # the common case first; bool is not int here
+        return value if 0 <= value <= _MAX_COUNT else None
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and 0 <= value <= _MAX_COUNT:
-        return value
+        return _int(int(value))
+    if isinstance(value, int) and not isinstance(value, bool):  # an int subclass
+        return _int(int(value))
     return None
 
 
@@ -77,50 +91,98 @@ def from_object(obj: object, nested: bool = True) -> Usage:
             usage.merge(from_object(inner, nested=False))
     raw = obj.get("usage")
     if isinstance(raw, dict):
-        prompt = _int(raw.get("prompt_tokens"))
-        if prompt is None:
-            prompt = _int(raw.get("input_tokens"))
-            cached = _int(raw.get("cache_read_input_tokens"))
-            created = _int(raw.get("cache_creation_input_tokens"))
-            if prompt is not None and (cached or created):
-                # Anthropic counts cached input apart from input_tokens.
-                prompt += (cached or 0) + (created or 0)
-        completion = _int(raw.get("completion_tokens"))
-        if completion is None:
-            completion = _int(raw.get("output_tokens"))
-        usage.merge(
-            Usage(
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cache_n=_int(raw.get("cache_n")),
-                prompt_n=_int(raw.get("prompt_n")),
-            )
-        )
+        _read_usage(usage, raw)
     timings = obj.get("timings")
     if isinstance(timings, dict):
-        usage.merge(
-            Usage(
-                cache_n=_int(timings.get("cache_n")),
-                prompt_n=_int(timings.get("prompt_n")),
-                predicted_n=_int(timings.get("predicted_n")),
-            )
-        )
+        _read_timings(usage, timings)
     return usage
+
+
+def _read_usage(usage: Usage, raw: dict[str, Any]) -> None:
+    """The fields of a ``usage`` object that it holds, into ``usage`` (as merge would)."""
+    get = raw.get
+    prompt = _int(get("prompt_tokens"))
+    if prompt is None:
+        prompt = _int(get("input_tokens"))
+        if prompt is not None:
+            cached = _int(get("cache_read_input_tokens"))
+            created = _int(get("cache_creation_input_tokens"))
+            # Anthropic counts cached input apart from input_tokens.
+            prompt += (cached or 0) + (created or 0)
+    if prompt is not None:
+        usage.prompt_tokens = prompt
+    completion = _int(get("completion_tokens"))
+    if completion is None:
+        completion = _int(get("output_tokens"))
+    if completion is not None:
+        usage.completion_tokens = completion
+    if "cache_n" in raw and (value := _int(raw["cache_n"])) is not None:
+        usage.cache_n = value
+    if "prompt_n" in raw and (value := _int(raw["prompt_n"])) is not None:
+        usage.prompt_n = value
+
+
+def _read_timings(usage: Usage, timings: dict[str, Any]) -> None:
+    """llama.cpp's ``timings`` object, into ``usage`` (as merge would)."""
+    if (value := _int(timings.get("cache_n"))) is not None:
+        usage.cache_n = value
+    if (value := _int(timings.get("prompt_n"))) is not None:
+        usage.prompt_n = value
+    if (value := _int(timings.get("predicted_n"))) is not None:
+        usage.predicted_n = value
+
+
+class _Answer(msgspec.Struct):
+    """The top-level keys of an answer that can hold usage; msgspec skips the rest in C."""
+
+    usage: Any = None
+    timings: Any = None
+    response: Any = None
+    message: Any = None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+# Answers up to this size are decoded whole by msgspec (a chat completion: about 1 us);
+# larger ones (embeddings) are searched for the two keys instead, which costs a byte search.
+_DECODE_WHOLE = 64 * 1024
 
 
 def from_json_bytes(body: bytes) -> Usage:
     """Usage from a whole non-streamed JSON body.
 
-    Only the ``usage``/``timings`` objects are decoded (found by their key), so a large
-    embeddings answer costs a byte search, not a full parse.
+    A small body is decoded for its top-level ``usage``, ``timings``, ``response`` and
+    ``message`` only. In a large one only the ``usage``/``timings`` objects are decoded
+    (found by their key), so a large embeddings answer costs a byte search, not a full
+    parse. Never raises.
     """
+    if len(body) <= _DECODE_WHOLE:
+        try:
+            answer = _ANSWER.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass  # not one JSON object (or JSON msgspec refuses): the byte search below
+        else:
+            usage = Usage()
+            if answer.response is not None or answer.message is not None:
+                return from_object(
+                    {
+                        "usage": answer.usage,
+                        "timings": answer.timings,
+                        "response": answer.response,
+                        "message": answer.message,
+                    }
+                )
+            if type(answer.usage) is dict:
+                _read_usage(usage, answer.usage)
+            if type(answer.timings) is dict:
+                _read_timings(usage, answer.timings)
+            return usage
     usage = Usage()
-    for marker in _MARKERS:
+    for marker, read in _READERS:
         at = body.rfind(marker)
         while at >= 0:
             value = _value_after(body, at + len(marker))
             if isinstance(value, dict):
-                usage.merge(from_object({marker.strip(b'"').decode(): value}))
+                read(usage, value)
                 break
             at = body.rfind(marker, 0, at)
     if usage.empty and body.lstrip()[:1] == b"{":
@@ -128,6 +190,9 @@ def from_json_bytes(body: bytes) -> Usage:
         with contextlib.suppress(ValueError, RecursionError):
             usage = from_object(json.loads(body))
     return usage
+
+
+_READERS = ((b'"usage"', _read_usage), (b'"timings"', _read_timings))
 
 
 def _value_after(body: bytes, pos: int) -> Any:

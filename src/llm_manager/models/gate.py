@@ -23,11 +23,17 @@ class ConcurrencyGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot now if one is free and nobody waits (the common case, no await)."""
         if not self.limit:
-            return
+            return True
         if self.active < self.limit and not self._waiters:
             self.active += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.queue:
             raise QueueFull(

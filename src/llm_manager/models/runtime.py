@@ -394,6 +394,11 @@ class ModelRuntime:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    def routes_now(self) -> bool:
+        """Whether a request may go to the model's server at once (``ensure_ready`` would
+        return without waiting): the relay's test before it awaits anything."""
+        return self._state is State.ROUTING
+
     async def ensure_ready(self) -> str:
         """Return the model's base URL once it routes, starting it if needed.
 
