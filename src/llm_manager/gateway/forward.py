@@ -354,7 +354,7 @@ class Gateway:
                 started = keepalive is not None and keepalive.started
                 try:
                     await self._pipe(
-                        upstream, send, record, began, own_from, started, target, runtime, stops
+                        upstream, watcher, record, began, own_from, started, target, runtime, stops
                     )
                 except UpstreamError:
                     if runtime.stops == stops:
@@ -465,7 +465,7 @@ class Gateway:
     async def _pipe(
         self,
         upstream: Response,
-        send: Send,
+        watcher: _DisconnectWatcher,
         record: RequestRecord,
         began: float,
         own_from: float,
@@ -474,6 +474,7 @@ class Gateway:
         runtime: ModelRuntime | None = None,
         stops: int = -1,
     ) -> None:
+        send = watcher.send
         record.status = upstream.status
         if started:  # keep-alive comments went out: the answer is already a 200 stream
             await _pipe_into_stream(upstream, send, record, runtime, stops)
@@ -509,6 +510,7 @@ class Gateway:
         scanner = SSEUsageScanner() if sse else None
         kept: list[bytes] = []
         kept_size = 0
+        raw_send, clock = watcher.raw_send, watcher.clock
         try:
             while True:
                 chunk = await upstream.read()
@@ -520,7 +522,11 @@ class Gateway:
                 # The chunk that completes the answer also ends it: one ASGI send (and one
                 # write) fewer per request than a separate empty last message.
                 last = upstream.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                # watcher.send's bookkeeping written out: a stream sends once per token, and
+                # a wrapping coroutine per send costs CPU on every one.
+                watcher.sending_since = clock()
+                await raw_send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                watcher.sending_since = 0.0
                 if scanner is not None:
                     scanner.feed(chunk)
                 elif (scan_json or failing) and kept_size <= _JSON_SCAN_LIMIT:
@@ -780,11 +786,12 @@ class _DisconnectWatcher:
         "_limit",
         "_loop",
         "_receive",
-        "_send",
         "_target",
         "_task",
         "_timer",
+        "clock",
         "fired",
+        "raw_send",
         "sending_since",
     )
 
@@ -798,7 +805,8 @@ class _DisconnectWatcher:
     ) -> None:
         self._receive = receive
         self._target = target
-        self._send = send
+        self.raw_send = send  # the server's own; sends through ``send`` are timed
+        self.clock = loop.time
         self._loop = loop
         self._limit = limit
         self._task: asyncio.Task[None] | None = None
@@ -807,8 +815,8 @@ class _DisconnectWatcher:
         self.sending_since = 0.0  # when the send in progress began; 0 when none is
 
     async def send(self, message: Message) -> None:
-        self.sending_since = self._loop.time()
-        await self._send(message)
+        self.sending_since = self.clock()
+        await self.raw_send(message)
         self.sending_since = 0.0
 
     def start(self) -> None:

@@ -521,13 +521,11 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    async def wait(self) -> None:
-        """Until something new arrived (headers, a chunk, the end) or an error."""
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when something new arrives (headers, a chunk, the end) or an
+        error. A future, not a coroutine: a token stream waits once per token."""
         waiter = self._waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def take(self) -> bytes:
         chunks = self._chunks
@@ -551,8 +549,10 @@ class _Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: cancelled with the task that awaited it
+                waiter.set_result(None)
 
 
 class Response:
@@ -586,7 +586,7 @@ class Response:
                 raise conn.error
             if conn.eof:
                 return b""
-            await conn.wait()
+            await conn.arrival()
 
     def at_eof(self) -> bool:
         return self._conn.eof and not self._conn.has_data
@@ -640,7 +640,7 @@ class UpstreamPool:
             while not conn.headers_done:
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait()
+                await conn.arrival()
         except BaseException:
             conn.abandon()
             raise
