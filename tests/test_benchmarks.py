@@ -218,3 +218,25 @@ def test_fallbacks_without_nginx_and_wrk(tmp_path: Path) -> None:
     check_manager_answers(results)
     check_malformed(results)
     check_no_leftovers(results)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"),
+    reason="benchmarks/ab.py needs nginx and wrk",
+)
+def test_ab_compares_two_checkouts_side_by_side() -> None:
+    """benchmarks/ab.py, one short round: both managers answer every request with 200 and
+    their CPU per request is measured (a positive figure for each side)."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--a", "src", "--b", "src"]
+    argv += ["--rounds", "1", "--seconds", "1", "--go", "none"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round 1")]
+    assert len(rounds) == 2 and all(line.endswith(" 0 not 200") for line in rounds)
+    means = {
+        line.split(":")[0].strip(): float(line.split("mean ")[1].split()[0])
+        for line in proc.stdout.splitlines()
+        if " mean " in line
+    }
+    assert set(means) == {"A", "B"} and all(value > 0 for value in means.values())
+    assert "B / A: " in proc.stdout
