@@ -9,6 +9,7 @@ before the model has answered a byte.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -417,33 +418,25 @@ class Gateway:
         host = runtime.host  # this machine, or the engine's node in cluster mode
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
         settings = self._settings
-        head_only = method == "HEAD"
+        request = functools.partial(
+            self._upstream.request,
+            host,
+            port,
+            head,
+            body,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            head_only=method == "HEAD",
+        )
         try:
             try:
-                return await self._upstream.request(
-                    host,
-                    port,
-                    head,
-                    body,
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=settings.read_timeout,
-                    head_only=head_only,
-                )
+                return await request()
             except Dropped as exc:
                 # The retry rule (upstream.py): again only what certainly did not reach the
                 # engine, or an idempotent request that met a reused connection closed before
                 # any byte of the answer. A POST the engine may have read is never sent twice.
                 if exc.may_retry(method, headers):
-                    return await self._upstream.request(  # certainly a new connection
-                        host,
-                        port,
-                        head,
-                        body,
-                        connect_timeout=settings.connect_timeout,
-                        read_timeout=settings.read_timeout,
-                        head_only=head_only,
-                        fresh=True,
-                    )
+                    return await request(fresh=True)  # certainly a new connection
                 if exc.reused:
                     raise UpstreamFailed(
                         f"the model server failed: {exc}; not sent again: the model server "
