@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 from llm_manager.cli import node as joining
 from llm_manager.cli.main import cli
+from llm_manager.cluster import ray_backend
 from llm_manager.cluster.actors import EngineHost, NodeAgent, engine_env
 from llm_manager.cluster.nodes import NodeInfo, qualify
 from llm_manager.cluster.remote import LOST_CODE, HostLost, RemoteEngine
-from llm_manager.config import ConfigError, SchemeConfig, parse_text
+from llm_manager.config import ClusterConfig, ConfigError, SchemeConfig, parse_text
 from llm_manager.devices.base import Device, ProviderReport
 from llm_manager.devices.cluster import ClusterProvider
 from llm_manager.errors import StartFailed
@@ -388,3 +389,130 @@ async def test_an_engine_is_followed_again_from_the_line_it_had_reached(spawn_lo
     assert numbers[:2] == [last_tick + 1, last_tick + 2]  # nothing repeated, nothing lost
     await second.stop(2)
     assert second.returncode is not None and not alive(pid)
+
+
+# --- device probes: an agent still starting is waited for (ray_backend.RayCluster.probe) ---
+
+
+class _Ref:
+    def __init__(self, delay: float, reports: list[ProviderReport]) -> None:
+        self.delay = delay  # seconds until the agent answers
+        self.reports = reports
+
+
+class _FakeRay:
+    """What RayCluster.probe uses of Ray: nodes(), wait() (a ref is ready when its delay
+    is within the timeout asked), get(); every wait's timeout is recorded."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.waits: list[float] = []
+        self.clock = 1000.0  # time.monotonic() for ray_backend: a wait takes its time
+
+    def nodes(self) -> list[dict[str, Any]]:
+        labels = "llm-manager/node"
+        return [
+            {
+                "Alive": True,
+                "NodeID": f"id-{n}",
+                "NodeManagerAddress": "10.0.0.1",
+                "Labels": {labels: n},
+            }
+            for n in self.names
+        ]
+
+    def wait(self, refs: list[_Ref], num_returns: int, timeout: float) -> tuple[list, list]:
+        self.waits.append(timeout)
+        ready = [r for r in refs if r.delay <= timeout]
+        self.clock += timeout if len(ready) < len(refs) else max(r.delay for r in refs)
+        return ready, [r for r in refs if r.delay > timeout]
+
+    def monotonic(self) -> float:
+        return self.clock
+
+    def get(self, ref: _Ref) -> list[ProviderReport]:
+        return ref.reports
+
+
+class _FakeAgents:
+    """The agent actor class: an agent's first answer takes ``first`` seconds (its worker
+    process starting), later ones ``then``."""
+
+    def __init__(self, first: float, then: float) -> None:
+        self.delays = {"first": first, "then": then}
+        self.calls: dict[str, int] = {}
+
+    def options(self, name: str, **_: Any) -> Any:
+        agents = self
+
+        class Handle:
+            def remote(self) -> Any:
+                class Probe:
+                    def remote(self) -> _Ref:
+                        count = agents.calls[name] = agents.calls.get(name, 0) + 1
+                        delay = agents.delays["first" if count == 1 else "then"]
+                        return _Ref(delay, [ProviderReport("cpu", True, ())])
+
+                handle = type("Agent", (), {})()
+                handle.probe = Probe()
+                return handle
+
+        return Handle()
+
+
+def _ray_cluster(
+    monkeypatch: pytest.MonkeyPatch, fake: _FakeRay, agents: _FakeAgents
+) -> ray_backend.RayCluster:
+    monkeypatch.setattr(ray_backend, "_ray", lambda: fake)
+    monkeypatch.setattr(ray_backend, "time", fake)  # its monotonic()
+    cluster = ray_backend.RayCluster(ClusterConfig(probe_timeout=0.1, connect_timeout=5))
+    cluster._agent_cls = agents
+    monkeypatch.setattr(cluster, "_strategy", lambda node_id: None)
+    return cluster
+
+
+def test_a_starting_agent_is_waited_for_then_probe_timeout_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeRay(["w1", "w2"])
+    agents = _FakeAgents(first=1.5, then=0.01)  # starting takes 15x probe_timeout
+    cluster = _ray_cluster(monkeypatch, fake, agents)
+    # The first probe: both agents are starting; they are waited for (connect_timeout).
+    assert [node.name for node, _ in cluster.probe()] == ["w1", "w2"]
+    assert fake.waits == [0.1, pytest.approx(4.9, abs=0.05)]
+    # Both have answered once: probe_timeout alone from now on.
+    fake.waits.clear()
+    assert [node.name for node, _ in cluster.probe()] == ["w1", "w2"]
+    assert fake.waits == [0.1]
+    # An agent that has answered before and is now slow is left out, not waited for.
+    agents.delays["then"] = 1.0
+    fake.waits.clear()
+    assert cluster.probe() == []
+    assert fake.waits == [0.1]
+
+
+def test_a_node_that_joins_later_gets_the_starting_grace_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeRay(["w1"])
+    agents = _FakeAgents(first=0.01, then=0.01)
+    cluster = _ray_cluster(monkeypatch, fake, agents)
+    assert [node.name for node, _ in cluster.probe()] == ["w1"]
+    fake.names.append("w2")  # joins; its agent starts slowly
+    agents.delays["first"] = 2.0
+    fake.waits.clear()
+    assert [node.name for node, _ in cluster.probe()] == ["w1", "w2"]
+    assert fake.waits == [0.1, pytest.approx(4.9, abs=0.05)]
+
+
+def test_an_agent_that_never_starts_costs_one_wait_not_one_per_placement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeRay(["w1"])
+    agents = _FakeAgents(first=1e9, then=1e9)  # never answers
+    cluster = _ray_cluster(monkeypatch, fake, agents)
+    assert cluster.probe() == []
+    assert fake.waits == [0.1, pytest.approx(4.9, abs=0.05)]  # connect_timeout in all
+    fake.waits.clear()
+    assert cluster.probe() == []
+    assert fake.waits == [0.1]  # its grace is spent: probe_timeout, as any node

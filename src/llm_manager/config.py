@@ -561,7 +561,8 @@ class ClusterConfig(_Strict):
         2.0,
         gt=0,
         description="How long a node's device reading may take before the node "
-        "is left out of placement.",
+        "is left out of placement (a node's first reading, its agent just started: "
+        "connect_timeout).",
     )
     replicas: bool = Field(
         False,

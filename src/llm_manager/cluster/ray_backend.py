@@ -68,6 +68,8 @@ class RayCluster:
         self._ray = _ray()
         self._nodes: list[NodeInfo] = []
         self._agents: dict[str, Any] = {}  # node id -> agent handle
+        self._answered: set[str] = set()  # node ids whose agent has answered once
+        self._agent_since: dict[str, float] = {}  # node id -> when its agent was created
         self._lock = threading.Lock()  # probe() runs in threads
         self._count = itertools.count(1)
         self._agent_cls: Any = None
@@ -120,12 +122,18 @@ class RayCluster:
         return NodeAffinitySchedulingStrategy(node_id, soft=False)
 
     def probe(self) -> list[tuple[NodeInfo, list[ProviderReport]]]:
+        """Every live node's device reports. A node whose agent has answered before gets
+        ``probe_timeout``; an agent that has not answered yet (its worker process is still
+        starting: seconds on a loaded machine) is waited for until ``connect_timeout`` after
+        it was created, so that the first placement after a start or a join does not leave
+        the node out as if it were lost. Never longer: a node whose agent never starts
+        costs one such wait, not one per placement."""
         ray = self._ray
         with self._lock:
             nodes = self._list_nodes()
             live = {n.node_id for n in nodes}
             for gone in set(self._agents) - live:
-                self._agents.pop(gone)
+                self._forget_agent(gone)
             calls = []
             for node in nodes:
                 agent = self._agents.get(node.node_id)
@@ -136,10 +144,23 @@ class RayCluster:
                         scheduling_strategy=self._strategy(node.node_id),
                     ).remote()
                     self._agents[node.node_id] = agent
+                    self._agent_since[node.node_id] = time.monotonic()
                 calls.append((node, agent.probe.remote()))
+            # How long the agents still starting may take, from now (0: none is).
+            now = time.monotonic()
+            grace = {
+                ref: self._agent_since[node.node_id] + self._config.connect_timeout - now
+                for node, ref in calls
+                if node.node_id not in self._answered
+            }
         refs = [ref for _, ref in calls]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._config.probe_timeout)
         answered = set(ready)
+        late = [ref for ref, left in grace.items() if ref not in answered and left > 0]
+        if late:
+            wait = max(grace[ref] for ref in late) - self._config.probe_timeout
+            more, _ = ray.wait(late, num_returns=len(late), timeout=max(0.0, wait))
+            answered.update(more)
         out = []
         for node, ref in calls:
             if ref not in answered:
@@ -150,8 +171,17 @@ class RayCluster:
             except Exception as exc:  # the node died meanwhile: left out of placement
                 log.warning("node %s could not report its devices: %s", node.name, exc)
                 with self._lock:
-                    self._agents.pop(node.node_id, None)
+                    self._forget_agent(node.node_id)
+                continue
+            with self._lock:
+                self._answered.add(node.node_id)
         return out
+
+    def _forget_agent(self, node_id: str) -> None:
+        """Under the lock: the node's agent is gone (or its node is)."""
+        self._agents.pop(node_id, None)
+        self._answered.discard(node_id)
+        self._agent_since.pop(node_id, None)
 
     def usages(self, node: str, pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
         info = next((n for n in self._nodes if n.name == node), None)
