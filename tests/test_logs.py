@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,29 @@ async def test_many_subscribers_each_get_every_line() -> None:
         model_log.unsubscribe(sub)
     model_log.append("stdout", "after")  # nobody listens: nothing queued anywhere
     assert all(not sub._lines for _, sub in subs)  # noqa: SLF001
+
+
+async def test_history_loads_while_a_reload_adds_a_model() -> None:
+    """A reload (SIGHUP) during the start adds a model while the stored history is read:
+    the start goes on (it once failed with "dictionary changed size during iteration")."""
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.reading = threading.Event()
+
+        def recent(self, model: str, limit: int) -> list[tuple[float, str, str]]:
+            self.reading.set()
+            time.sleep(0.2)  # in a worker thread: the loop runs on meanwhile
+            return [(1.0, "stdout", f"{model} line")]
+
+        def add(self, model: str, ts: float, stream: str, message: str) -> None:
+            pass
+
+    store = SlowStore()
+    book = LogBook(store, LogSettings(buffer_lines=10, retention=0, max_lines=0))
+    book.create("a")
+    loading = asyncio.create_task(book.load())
+    await asyncio.to_thread(store.reading.wait, 5)
+    book.create("b")  # what the reload does while the history is read
+    await loading
+    assert [line.message for line in book.get("a").lines()] == ["a line"]

@@ -200,7 +200,8 @@ class LogBook:
         """Fill each ring with the newest lines kept from earlier runs."""
         if self._store is None:
             return
-        for name, model_log in self._logs.items():
+        # A copy: a reload (SIGHUP) during the start may add a model while this awaits.
+        for name, model_log in list(self._logs.items()):
             try:
                 lines = await asyncio.to_thread(
                     self._store.recent, name, self.settings.buffer_lines
