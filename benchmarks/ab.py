@@ -34,9 +34,9 @@ sys.path.insert(0, str(HERE.parent))
 import aiohttp  # noqa: E402
 import load as loadgen  # noqa: E402
 import procs  # noqa: E402
+from run import LLAMA_FLAGS  # noqa: E402 - the engine as the full benchmark runs it
 
 BODIES = {"small": 0, "64k": 64 << 10, "1m": 1 << 20}
-LLAMA_FLAGS = ["-t", "1", "-c", "4096", "-np", "16"]
 
 
 def model_command(kind: str, workdir: Path, nginx: str, gguf: Path | None) -> list[str]:

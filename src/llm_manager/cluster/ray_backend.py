@@ -68,8 +68,8 @@ class RayCluster:
         self._ray = _ray()
         self._nodes: list[NodeInfo] = []
         self._agents: dict[str, Any] = {}  # node id -> agent handle
-        self._answered: set[str] = set()  # node ids whose agent has answered once
-        self._agent_since: dict[str, float] = {}  # node id -> when its agent was created
+        # Agents that have not answered yet: node id -> when the agent was created.
+        self._starting: dict[str, float] = {}
         self._lock = threading.Lock()  # probe() runs in threads
         self._count = itertools.count(1)
         self._agent_cls: Any = None
@@ -144,14 +144,14 @@ class RayCluster:
                         scheduling_strategy=self._strategy(node.node_id),
                     ).remote()
                     self._agents[node.node_id] = agent
-                    self._agent_since[node.node_id] = time.monotonic()
+                    self._starting[node.node_id] = time.monotonic()
                 calls.append((node, agent.probe.remote()))
             # How long the agents still starting may take, from now (0: none is).
             now = time.monotonic()
             grace = {
-                ref: self._agent_since[node.node_id] + self._config.connect_timeout - now
+                ref: self._starting[node.node_id] + self._config.connect_timeout - now
                 for node, ref in calls
-                if node.node_id not in self._answered
+                if node.node_id in self._starting
             }
         refs = [ref for _, ref in calls]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._config.probe_timeout)
@@ -174,14 +174,13 @@ class RayCluster:
                     self._forget_agent(node.node_id)
                 continue
             with self._lock:
-                self._answered.add(node.node_id)
+                self._starting.pop(node.node_id, None)
         return out
 
     def _forget_agent(self, node_id: str) -> None:
         """Under the lock: the node's agent is gone (or its node is)."""
         self._agents.pop(node_id, None)
-        self._answered.discard(node_id)
-        self._agent_since.pop(node_id, None)
+        self._starting.pop(node_id, None)
 
     def usages(self, node: str, pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
         info = next((n for n in self._nodes if n.name == node), None)

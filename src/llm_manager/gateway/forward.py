@@ -355,7 +355,7 @@ class Gateway:
                 started = keepalive is not None and keepalive.started
                 try:
                     await self._pipe(
-                        upstream, watcher, record, began, own_from, started, target, runtime, stops
+                        upstream, send, record, began, own_from, started, target, runtime, stops
                     )
                 except UpstreamError:
                     if runtime.stops == stops:
@@ -458,7 +458,7 @@ class Gateway:
     async def _pipe(
         self,
         upstream: Response,
-        watcher: _DisconnectWatcher,
+        send: Send,
         record: RequestRecord,
         began: float,
         own_from: float,
@@ -467,7 +467,6 @@ class Gateway:
         runtime: ModelRuntime | None = None,
         stops: int = -1,
     ) -> None:
-        send = watcher.send
         record.status = upstream.status
         if started:  # keep-alive comments went out: the answer is already a 200 stream
             await _pipe_into_stream(upstream, send, record, runtime, stops)
@@ -487,7 +486,7 @@ class Gateway:
                 headers.append((name, value))
             elif name == b"connection":
                 named = value
-        if named is not None and named.lower() not in _PLAIN_CONNECTION:
+        if named is not None:
             headers = without_connection_named(headers, named)
         if sse or not upstream.sized:
             # A stream (or an answer of unknown length, which may come piece by piece):
@@ -503,7 +502,6 @@ class Gateway:
         scanner = SSEUsageScanner() if sse else None
         kept: list[bytes] = []
         kept_size = 0
-        raw_send, clock = watcher.raw_send, watcher.clock
         try:
             while True:
                 chunk = await upstream.read()
@@ -515,11 +513,7 @@ class Gateway:
                 # The chunk that completes the answer also ends it: one ASGI send (and one
                 # write) fewer per request than a separate empty last message.
                 last = upstream.at_eof()
-                # watcher.send's bookkeeping written out: a stream sends once per token, and
-                # a wrapping coroutine per send costs CPU on every one.
-                watcher.sending_since = clock()
-                await raw_send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                watcher.sending_since = 0.0
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if scanner is not None:
                     scanner.feed(chunk)
                 elif (scan_json or failing) and kept_size <= _JSON_SCAN_LIMIT:
@@ -737,6 +731,8 @@ def without_connection_named(
     headers: list[tuple[bytes, bytes]], connection: bytes
 ) -> list[tuple[bytes, bytes]]:
     """The headers less those that ``Connection`` names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    if connection.lower() in _PLAIN_CONNECTION:
+        return headers  # the common values name no other header: no set to build
     named = {token.strip().lower() for token in connection.split(b",")} - {b""}
     if not named - _HOP_BY_HOP:
         return headers  # keep-alive, close: already dropped
@@ -779,12 +775,11 @@ class _DisconnectWatcher:
         "_limit",
         "_loop",
         "_receive",
+        "_send",
         "_target",
         "_task",
         "_timer",
-        "clock",
         "fired",
-        "raw_send",
         "sending_since",
     )
 
@@ -798,8 +793,7 @@ class _DisconnectWatcher:
     ) -> None:
         self._receive = receive
         self._target = target
-        self.raw_send = send  # the server's own; sends through ``send`` are timed
-        self.clock = loop.time
+        self._send = send
         self._loop = loop
         self._limit = limit
         self._task: asyncio.Task[None] | None = None
@@ -808,8 +802,8 @@ class _DisconnectWatcher:
         self.sending_since = 0.0  # when the send in progress began; 0 when none is
 
     async def send(self, message: Message) -> None:
-        self.sending_since = self.clock()
-        await self.raw_send(message)
+        self.sending_since = self._loop.time()
+        await self._send(message)
         self.sending_since = 0.0
 
     def start(self) -> None:

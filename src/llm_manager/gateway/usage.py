@@ -69,30 +69,37 @@ _MAX_COUNT = 1 << 53
 
 
 def _int(value: object) -> int | None:
-    if type(value) is int:  # the common case first; bool is not int here
-        return value if 0 <= value <= _MAX_COUNT else None
-    if isinstance(value, float) and value.is_integer():
-        return _int(int(value))
-    if isinstance(value, int) and not isinstance(value, bool):  # an int subclass
-        return _int(int(value))
-    return None
+    if type(value) is not int:  # the common case first
+        # bool is no count; a float such as 12.0 is one; anything else is not
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        if isinstance(value, float) and not value.is_integer():
+            return None
+        value = int(value)
+    return value if 0 <= value <= _MAX_COUNT else None
 
 
 def from_object(obj: object, nested: bool = True) -> Usage:
     """Usage from one decoded JSON object (a whole response or one SSE event)."""
-    usage = Usage()
     if not isinstance(obj, dict):
-        return usage
+        return Usage()
     # Responses API and Anthropic's message_start nest the object that holds usage (one
     # level: a deeper nesting is no known shape, and must not recurse without end).
-    for key in ("response", "message") if nested else ():
-        inner = obj.get(key)
+    get = obj.get
+    if not nested:
+        return _from_parts(get("usage"), get("timings"), None, None)
+    return _from_parts(get("usage"), get("timings"), get("response"), get("message"))
+
+
+def _from_parts(raw: object, timings: object, response: object, message: object) -> Usage:
+    """Usage from the values of an object's ``usage``, ``timings``, ``response`` and
+    ``message`` keys (None where absent); the nested ones first, the object's own last."""
+    usage = Usage()
+    for inner in (response, message):
         if isinstance(inner, dict) and ("usage" in inner or "timings" in inner):
             usage.merge(from_object(inner, nested=False))
-    raw = obj.get("usage")
     if isinstance(raw, dict):
         _read_usage(usage, raw)
-    timings = obj.get("timings")
     if isinstance(timings, dict):
         _read_timings(usage, timings)
     return usage
@@ -161,21 +168,7 @@ def from_json_bytes(body: bytes) -> Usage:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             pass  # not one JSON object (or JSON msgspec refuses): the byte search below
         else:
-            usage = Usage()
-            if answer.response is not None or answer.message is not None:
-                return from_object(
-                    {
-                        "usage": answer.usage,
-                        "timings": answer.timings,
-                        "response": answer.response,
-                        "message": answer.message,
-                    }
-                )
-            if type(answer.usage) is dict:
-                _read_usage(usage, answer.usage)
-            if type(answer.timings) is dict:
-                _read_timings(usage, answer.timings)
-            return usage
+            return _from_parts(answer.usage, answer.timings, answer.response, answer.message)
     usage = Usage()
     for marker, read in _READERS:
         at = body.rfind(marker)
@@ -192,7 +185,7 @@ def from_json_bytes(body: bytes) -> Usage:
     return usage
 
 
-_READERS = ((b'"usage"', _read_usage), (b'"timings"', _read_timings))
+_READERS = ((_MARKERS[0], _read_usage), (_MARKERS[1], _read_timings))
 
 
 def _value_after(body: bytes, pos: int) -> Any:

@@ -406,7 +406,7 @@ class ModelRuntime:
         (503 family), or ModelStopped when a stop interrupts the start.
         """
         while True:
-            if self._state is State.ROUTING:
+            if self.routes_now():
                 return self.base_url
             if self._stop_task is not None:
                 await asyncio.wait({self._stop_task})
