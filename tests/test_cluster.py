@@ -185,8 +185,8 @@ async def test_node_labels_choose_the_node(
         assert status == 200, body
         runtime = manager.supervisor.resolve("zoned")
         assert runtime.node == "w1"
-        text = _log_text(runtime)
-        assert "CUDA_VISIBLE_DEVICES=0,1" in text
+        # The engine's own output comes from the node a moment after it is ready.
+        await wait_until(lambda: "CUDA_VISIBLE_DEVICES=0,1" in _log_text(runtime))
 
 
 async def test_stop_and_idle_unload_leave_no_process(
