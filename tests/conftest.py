@@ -20,7 +20,8 @@ import yaml
 
 from llm_manager.app import Application
 from llm_manager.config import LoadedConfig, parse_text
-from llm_manager.server import bind
+from llm_manager.http_protocol import HttpProtocol
+from llm_manager.server import bind, uvicorn_config
 
 FAKE_SERVER = Path(__file__).parent / "fakes" / "fake_model_server.py"
 
@@ -89,14 +90,14 @@ class _QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def running_manager(loaded: LoadedConfig) -> AsyncIterator[RunningManager]:
+async def running_manager(
+    loaded: LoadedConfig, protocol: type[HttpProtocol] = HttpProtocol
+) -> AsyncIterator[RunningManager]:
     """The whole app served by uvicorn on 127.0.0.1:0 inside the test's event loop."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     application = await Application.create(loaded)
-    config = uvicorn.Config(
-        application.asgi, loop="none", lifespan="on", log_config=None, log_level="warning"
-    )
+    config = uvicorn_config(application.asgi, protocol=protocol)
     server = _QuietServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await wait_until(lambda: server.started or task.done())

@@ -18,6 +18,7 @@ import uvicorn
 from llm_manager import quickstart, runurl
 from llm_manager.app import Application
 from llm_manager.config import LoadedConfig
+from llm_manager.http_protocol import HttpProtocol
 from llm_manager.settings import BUILTIN_SOURCE
 
 log = logging.getLogger("llm_manager")
@@ -91,6 +92,33 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(
+    app: object,
+    log_level: str = "warning",
+    graceful_timeout: int | None = None,
+    protocol: type[HttpProtocol] = HttpProtocol,
+) -> uvicorn.Config:
+    """How the manager is served (the tests serve it the same way; ``protocol``: a
+    subclass with other limits, for tests)."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        log_level=log_level.lower(),
+        access_log=log_level.lower() == "debug",
+        loop="none",
+        # uvicorn's httptools protocol with a head size limit, read deadlines and no
+        # trailers merged into the headers (http_protocol.py).
+        http=protocol,
+        ws="none",  # nothing here speaks WebSocket
+        # Nothing reads the client address, and "server: uvicorn" tells a client nothing:
+        # both cost a little on every request.
+        proxy_headers=False,
+        server_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_timeout,
+        log_config=None,
+    )
+
+
 async def serve(
     loaded: LoadedConfig,
     host: str,
@@ -103,20 +131,7 @@ async def serve(
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     application = await Application.create(loaded, overrides, watch)
-    config = uvicorn.Config(
-        application.asgi,
-        log_level=log_level.lower(),
-        access_log=log_level.lower() == "debug",
-        loop="none",
-        http="httptools",
-        # Nothing reads the client address, and "server: uvicorn" tells a client nothing:
-        # both cost a little on every request.
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(loaded.config.server.stop_timeout) + 5,
-        log_config=None,
-    )
+    config = uvicorn_config(application.asgi, log_level, int(loaded.config.server.stop_timeout) + 5)
 
     def reload_on_signal() -> None:
         log.info("received SIGHUP: reloading the configuration")

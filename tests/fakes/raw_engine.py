@@ -6,7 +6,8 @@ an HTTP/1.1 exchange; run by the manager as a model (tests/test_relay_raw.py)::
 Every request is logged to LOG (JSON lines) before it is answered, body included (hex), so
 that a test can tell exactly what the engine received and how often::
 
-    {"event": "request", "conn": 3, "seq": 0, "method": "POST", "path": "/v1/...", "body": "7b..."}
+    {"event": "request", "conn": 3, "seq": 0, "method": "POST", "path": "/v1/...",
+     "headers": [["Host", "127.0.0.1:8001"], ...], "body": "7b..."}
     {"event": "eof", "conn": 3}        the client closed connection 3
     {"event": "closed", "conn": 3}     the engine closed connection 3 (or reset it)
 
@@ -17,6 +18,8 @@ manager's readiness probe) answers 200 and closes, and is not logged.
 
 Scenarios (``seq`` is the index of a model request on its connection):
 
+- ``plain``: every request is answered, as the rules say (the client side's battery,
+  tests/test_http_conformance.py, checks what reaches the engine).
 - ``unsolicited``: after its first answer, a connection gets a second, unasked-for answer
   (``{"late": true}``) 0.2 s later, while it is idle.
 - ``two-in-one``: the first answer on a connection is followed, in the same write, by a
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = (
+    "plain",
     "unsolicited",
     "two-in-one",
     "close-after-read",
@@ -86,8 +90,11 @@ class Engine:
                 head = await reader.readuntil(b"\r\n\r\n")
                 method, path = head.split(b" ", 2)[:2]
                 size = 0
+                headers = []
                 for line in head.split(b"\r\n")[1:]:
                     name, _, value = line.partition(b":")
+                    if line:
+                        headers.append([name.decode("latin-1"), value.strip().decode("latin-1")])
                     if name.strip().lower() == b"content-length":
                         size = int(value)
                 body = await reader.readexactly(size) if size else b""
@@ -104,6 +111,7 @@ class Engine:
                     seq=seq,
                     method=method.decode(),
                     path=path.decode(),
+                    headers=headers,
                     body=body.hex(),
                 )
                 if not await self.respond(writer, conn, seq, method, path, body):

@@ -1,0 +1,221 @@
+"""The HTTP/1.1 server protocol: uvicorn's httptools protocol with the limits it lacks.
+
+uvicorn's httptools protocol (the one uvicorn picks, and the fastest it has) accepts a
+request head of any size, waits for a head or a body forever, and appends a chunked
+request's trailer fields to the request's headers, where the gateway would forward them to
+the model server as if they were headers. Each was provoked by the raw-socket battery
+(tests/test_http_conformance.py). This subclass adds, in the parser callbacks and the
+``asyncio.Protocol`` methods that uvicorn's class implements:
+
+- a limit on the request head (request line and header fields): ``431`` past it;
+- a deadline for the whole head from its first byte, or from the connection's start for a
+  connection that sends nothing (``408``, slowloris), and a limit on the time between two
+  reads of a body (the connection is closed: the app may already be answering);
+- trailer fields dropped (RFC 9110 §6.5.1 allows it; nothing here uses them).
+
+No timer runs on the common path: a head or a body that arrives whole in one read arms
+none. A timer is armed only when a read ends with the head or the body still incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("llm_manager")
+
+MAX_HEAD_BYTES = 64 * 1024  # the request line and header fields together
+HEAD_TIMEOUT = 30.0  # seconds for a whole head, from its first byte
+BODY_TIMEOUT = 60.0  # seconds between two reads of a body
+LINGER = 2.0  # seconds a refused request's connection drops what the client still sends
+
+
+class _Reading(enum.Enum):
+    """What the connection waits for from the client."""
+
+    HEAD = "head"  # the next request's head (idle, or part of it has come)
+    BODY = "body"  # the rest of the current request's body
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request already answered."""
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head size limit, read deadlines and no trailers."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout = HEAD_TIMEOUT
+    body_timeout = BODY_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading = _Reading.HEAD
+        self._heads = 0  # heads read whole on this connection
+        self._head_bytes = 0  # bytes of an incomplete head from earlier reads (a bound)
+        self._read_size = 0  # bytes of the current read
+        self._refused = False  # answered 431 or 408: what still comes is dropped
+        self._timer: asyncio.TimerHandle | None = None  # a head deadline or a body check
+        self._last_read = 0.0  # loop time of the last read, while a body is awaited
+        self._own_transport: asyncio.Transport | None = None
+        self._own_loop: asyncio.AbstractEventLoop | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        # uvloop's transports are not asyncio.Transport instances; a stream transport here.
+        self._own_transport = cast(asyncio.Transport, transport)
+        self._own_loop = asyncio.get_running_loop()
+        # A connection that sends nothing (or only blank lines) is held no longer than a
+        # slow head; the first complete head disarms it.
+        self._arm(self.head_timeout, self._head_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what the client still sends after a refusal is read and dropped
+        began, heads = self._reading, self._heads
+        self._read_size = len(data)
+        super().data_received(data)
+        if self._refused:
+            return
+        if self._reading is _Reading.BODY:
+            assert self._own_loop is not None
+            self._last_read = self._own_loop.time()
+            if self._timer is None:
+                self._arm(self.body_timeout, self._body_check)
+        elif began is _Reading.HEAD and heads == self._heads:
+            # No head completed in this read: it was all head (or blank lines before one).
+            # After a request that ended in this read (pipelining), the next head's start
+            # is at an offset the parser does not tell: it counts from the next read on,
+            # and uvicorn's keep-alive timeout covers a client that stops there.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse_too_large()
+            elif self._timer is None:
+                self._arm(self.head_timeout, self._head_expired)
+
+    # --- parser callbacks (httptools) ---------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self._reading = _Reading.BODY
+        self._heads += 1
+        if self._timer is not None:
+            self._disarm()  # the head deadline is met
+        # The head is at most its earlier reads and this read: only when that can exceed
+        # the limit is it measured (its request line and fields, as parsed).
+        earlier, self._head_bytes = self._head_bytes, 0
+        if (
+            earlier + self._read_size > self.max_head_bytes
+            and self._head_size() > self.max_head_bytes
+        ):
+            self._refuse_too_large()
+            raise _Refused  # stops the parser: the app is never called for this request
+        super().on_headers_complete()
+        # uvicorn appends every later field to this list, which is the request's
+        # scope["headers"]: a chunked body's trailer fields would join the headers (and be
+        # forwarded to the model server as headers). They go to a list no one reads.
+        self.headers = []
+
+    def on_message_complete(self) -> None:
+        self._reading = _Reading.HEAD
+        if self._timer is not None:
+            self._disarm()
+        super().on_message_complete()
+
+    def _head_size(self) -> int:
+        """The head's size as parsed: the target, and each field with its separators."""
+        fields = sum(len(name) + len(value) + 4 for name, value in self.headers)
+        return len(self.url) + fields + len("POST  HTTP/1.1\r\n\r\n")
+
+    # --- deadlines ----------------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        assert self._own_loop is not None
+        self._disarm()
+        self._timer = self._own_loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        if self._reading is not _Reading.HEAD:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind an answer still being sent: a 408 now would land
+            # inside that answer. The deadline waits for the answer's end.
+            self._arm(self.head_timeout, self._head_expired)
+        elif self._head_bytes:
+            self._refuse(
+                b"408 Request Timeout",
+                f"the request head did not arrive whole within {self.head_timeout:g} s",
+            )
+        else:
+            # A connection that has sent nothing: closed quietly, as uvicorn closes an
+            # idle keep-alive connection.
+            self._close()
+
+    def _body_check(self) -> None:
+        self._timer = None
+        transport, loop = self._own_transport, self._own_loop
+        if self._reading is not _Reading.BODY or transport is None or loop is None:
+            return
+        if not transport.is_reading():
+            # Reading is paused because the app has not taken the body yet (flow control):
+            # the client is not the one keeping it waiting.
+            self._last_read = loop.time()
+        idle = loop.time() - self._last_read
+        if idle < self.body_timeout:
+            self._arm(self.body_timeout - idle, self._body_check)
+            return
+        log.info("closing a connection: no body bytes for %g s", self.body_timeout)
+        self._close()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # a parse error, not the refusal that stopped the parser
+            super().send_400_response(msg)
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(
+            b"431 Request Header Fields Too Large",
+            f"the request line and headers exceed {self.max_head_bytes} bytes",
+        )
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        """Answers a request whose head cannot be read (no app was called for it) and
+        closes the connection."""
+        log.info("refusing a request: %s", message)
+        self._refused = True
+        transport = self._own_transport
+        if transport is not None and not transport.is_closing():
+            text = message.encode()
+            transport.write(
+                b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(text) + text
+            )
+            if transport.can_write_eof():
+                # A close with unread bytes sends a reset, which can reach the client before
+                # the answer is read: end the sending side, and drop what still comes for
+                # a moment (a lingering close, as nginx does).
+                transport.write_eof()
+                self._arm(LINGER, self._close)
+                return
+        self._close()
+
+    def _close(self) -> None:
+        self._disarm()
+        transport = self._own_transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
