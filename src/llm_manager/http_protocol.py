@@ -42,56 +42,6 @@ class _Reading(enum.Enum):
     BODY = "body"  # the rest of the current request's body
 
 
-class _HeldHead:
-    """The client's transport as uvicorn's request cycle writes to it: an answer's head is
-    held back and written with the first body bytes, in one system call instead of two
-    (``writelines``). It never waits for them: a head still held when the loop gets to
-    its next callbacks is written alone, so a stream's head goes out at once."""
-
-    __slots__ = ("_transport", "_loop", "_held")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._held: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            self._transport.writelines((held, data))
-        elif data.startswith(b"HTTP/1.1 "):  # uvicorn's status line: a head
-            self._held = data
-            self._loop.call_soon(self.flush)
-        else:
-            self._transport.write(data)
-
-    def flush(self) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            if not self._transport.is_closing():
-                self._transport.write(held)
-
-    def writelines(self, data: Any) -> None:
-        self.flush()
-        self._transport.writelines(data)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._transport.write_eof()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the transport, as it is
-        return getattr(self._transport, name)
-
-
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request already answered."""
 
@@ -122,9 +72,6 @@ class HttpProtocol(HttpToolsProtocol):
         # uvloop's transports are not asyncio.Transport instances; a stream transport here.
         self._own_transport = cast(asyncio.Transport, transport)
         self._own_loop = asyncio.get_running_loop()
-        # uvicorn's request cycles write through this attribute; its flow control keeps
-        # the transport itself.
-        self.transport = cast(asyncio.Transport, _HeldHead(self._own_transport, self._own_loop))
         # A connection that sends nothing (or only blank lines) is held no longer than a
         # slow head; the first complete head disarms it.
         self._arm(self.head_timeout, self._head_expired)
