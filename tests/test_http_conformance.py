@@ -7,8 +7,9 @@ Every shape that could smuggle a request (two framings, folded or broken lines, 
 refused with 400 before the app runs, nothing of it reaches the engine, and the server keeps
 serving. Heads over the limit get 431, slow heads 408, stalled bodies a closed connection;
 trailer fields never become headers; pipelined, HTTP/1.0 and 100-continue requests are
-answered as uvicorn answers them. Clients that leave while waiting or mid-answer, and slow
-readers on the model's side, are covered by test_gateway.py and test_upstream.py.
+answered as uvicorn answers them; a client that stops reading holds the engine back. Clients
+that leave while waiting or mid-answer are covered by test_gateway.py, the upstream
+client's own backpressure by test_upstream.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pytest
 
 from llm_manager.http_protocol import MAX_HEAD_BYTES, HttpProtocol
 from tests.conftest import RunningManager, make_config, running_manager
-from tests.test_relay_raw import raw_model, received
+from tests.fakes.raw_engine import FLOOD_BYTES, FLOOD_EVENT
+from tests.test_relay_raw import events, raw_model, received
 
 BODY = b'{"model": "m", "id": "%s"}'
 HOST = b"Host: 127.0.0.1\r\n"
@@ -51,9 +53,9 @@ class Quick(HttpProtocol):
 
 @contextlib.asynccontextmanager
 async def engine_behind(
-    tmp_path: Path, protocol: type[HttpProtocol] = HttpProtocol
+    tmp_path: Path, protocol: type[HttpProtocol] = HttpProtocol, scenario: str = "plain"
 ) -> AsyncIterator[tuple[RunningManager, Path]]:
-    models, log = raw_model(tmp_path, "plain")
+    models, log = raw_model(tmp_path, scenario)
     async with running_manager(make_config(tmp_path, models), protocol=protocol) as mgr:
         status, _ = await mgr.post("/api/models/m/start")
         assert status == 200
@@ -361,3 +363,40 @@ async def test_a_client_leaving_while_sending_costs_nothing(tmp_path: Path, cut:
         _, rows = await mgr.get("/api/requests?limit=10")
         # Only the request that was whole is a request; the cut one left no record.
         assert [r["status"] for r in rows["requests"]] == [200]
+
+
+async def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A slow reader: the engine streams 64 MiB as fast as it can; the client reads the
+    head, then nothing for 2 s. The relay must pass the pressure back (the engine blocks)
+    instead of buffering the answer, and then deliver every byte."""
+
+    def engine_sent() -> int:
+        return max([e["bytes"] for e in events(log) if e["event"] == "sent"], default=0)
+
+    async with engine_behind(tmp_path, scenario="flood") as (mgr, log):
+        client = await Client.open(mgr)
+        await client.send(post("flood"))
+        head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+        await asyncio.sleep(2)  # reading nothing
+        held_at = engine_sent()
+        # Socket buffers on both hops hold some megabytes; the rest waits in the engine.
+        assert held_at <= FLOOD_BYTES // 2
+        size = 0
+        last = b""
+        while True:
+            line = await asyncio.wait_for(client.reader.readuntil(b"\r\n"), 10)
+            length = int(line, 16)
+            data = await asyncio.wait_for(client.reader.readexactly(length + 2), 10)
+            if length == 0:
+                break
+            size += length
+            last = (last + data[:-2])[-len(FLOOD_EVENT) :]
+        client.close()
+        assert size == FLOOD_BYTES and last == FLOOD_EVENT
+        assert engine_sent() == FLOOD_BYTES > held_at
+        await asyncio.to_thread(mgr.app.db.flush)
+        _, rows = await mgr.get("/api/requests?limit=1")
+        assert rows["requests"][0]["status"] == 200 and rows["requests"][0]["error"] is None

@@ -59,7 +59,10 @@ SCENARIOS = (
     "idle-close",
     "te-notchunked",
     "bodiless",
+    "flood",
 )
+FLOOD_BYTES = 64 << 20  # what the flood scenario streams, in events of FLOOD_EVENT bytes
+FLOOD_EVENT = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
 NOT_CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"  # what te-notchunked sends after its headers
 
 
@@ -156,6 +159,22 @@ class Engine:
             await writer.drain()
             writer.close()
             return False
+        if scenario == "flood":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            sent = 0
+            frame = b"%x\r\n" % len(FLOOD_EVENT) + FLOOD_EVENT + b"\r\n"
+            while sent < FLOOD_BYTES:
+                writer.write(frame)
+                await writer.drain()  # blocks while the relay is not reading
+                sent += len(FLOOD_EVENT)
+                if sent % (4 << 20) == 0:
+                    self.record(event="sent", conn=conn, bytes=sent)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
         if scenario == "bodiless":
             status = {b"/status/204": b"204 No Content", b"/status/304": b"304 Not Modified"}
             line = b"200 OK" if method == b"HEAD" else status.get(path.split(b"?")[0], b"200 OK")
