@@ -11,7 +11,12 @@ the model server as if they were headers. Each was provoked by the raw-socket ba
 - a deadline for the whole head from its first byte, or from the connection's start for a
   connection that sends nothing (``408``, slowloris), and a limit on the time between two
   reads of a body (the connection is closed: the app may already be answering);
-- trailer fields dropped (RFC 9110 §6.5.1 allows it; nothing here uses them).
+- trailer fields dropped (RFC 9110 §6.5.1 allows it; nothing here uses them);
+- a refusal's connection closed lingering: the sending side ended, what the client still
+  sends dropped for a moment, so the answer is read before the close resets it.
+
+Besides the callbacks it uses these of uvicorn's class: ``url``, ``headers``, ``cycle``
+and ``send_400_response``. A uvicorn release that changes them fails the battery.
 
 No timer runs on the common path: a head or a body that arrives whole in one read arms
 none. A timer is armed only when a read ends with the head or the body still incomplete.
