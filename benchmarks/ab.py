@@ -3,11 +3,12 @@ reverse proxy, in alternated runs on the same backend: how a change to the relay
 measured before it lands (docs/performance.md, "A leaner relay").
 
     .venv/bin/python benchmarks/ab.py --a OLD/src --b src [--rounds 5] [--seconds 4]
-        [--clients 8] [--body small|64k|1m|stream] [--go none]
+        [--clients 8] [--body small|64k|1m|stream|llama] [--go none]
 
 Each side is a whole ``llm-manager serve`` with one model. ``small``, ``64k`` and ``1m``
 send non-streamed chat requests (the run.py bodies) to nginx answering a fixed chat
-completion; ``stream`` sends 64-token streamed chat requests to a real llama.cpp server
+completion; ``stream`` sends 64-token streamed chat requests, ``llama`` non-streamed 16-token
+ones, to a real llama.cpp server
 (the tiny random GGUF of tests/models/gguf_factory.py; needs the llama extra), one per
 side. wrk (one thread) runs A, then B, then Go, for ``--rounds`` rounds; CPU is utime +
 stime of each manager's own process (not its model server) and of the Go proxy's, read
@@ -50,6 +51,8 @@ def model_command(kind: str, workdir: Path, nginx: str, gguf: Path | None) -> li
 def request(base: str, body: str) -> loadgen.Request:
     if body == "stream":
         return loadgen.chat_request(base, "m", {}, stream=True, max_tokens=64)
+    if body == "llama":
+        return loadgen.chat_request(base, "m", {}, max_tokens=16)
     if BODIES[body]:
         return loadgen.history_request(base, "m", {}, BODIES[body])
     return loadgen.chat_request(base, "m", {})
@@ -83,7 +86,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     workdir = Path(tempfile.mkdtemp(prefix="llm-manager-ab-"))
     processes = procs.Processes(workdir)
     gguf = None
-    if args.body == "stream":
+    if args.body in ("stream", "llama"):
         from tests.models.gguf_factory import write_chat_model
 
         gguf = write_chat_model(workdir / "tiny-chat.gguf", context_length=4096)
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--body", choices=[*BODIES, "stream"], default="small")
+    p.add_argument("--body", choices=[*BODIES, "stream", "llama"], default="small")
     p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
     args = p.parse_args(argv)
     per_request = asyncio.run(run(args))
