@@ -400,3 +400,14 @@ async def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothi
         await asyncio.to_thread(mgr.app.db.flush)
         _, rows = await mgr.get("/api/requests?limit=1")
         assert rows["requests"][0]["status"] == 200 and rows["requests"][0]["error"] is None
+
+
+async def test_a_websocket_upgrade_is_answered_as_plain_http(tmp_path: Path) -> None:
+    upgrade = (
+        b"GET /health HTTP/1.1\r\n" + HOST + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    async with engine_behind(tmp_path) as (mgr, log):
+        status, _, body = await exchange(mgr, upgrade)
+        assert status == 200 and json.loads(body)["status"] == "healthy"
+        await still_serving(mgr, log)
