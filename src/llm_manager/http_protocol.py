@@ -15,8 +15,9 @@ the model server as if they were headers. Each was provoked by the raw-socket ba
 - a refusal's connection closed lingering: the sending side ended, what the client still
   sends dropped for a moment, so the answer is read before the close resets it.
 
-Besides the callbacks it uses these of uvicorn's class: ``url``, ``headers``, ``cycle``
-and ``send_400_response``. A uvicorn release that changes them fails the battery.
+Besides the callbacks it uses these of uvicorn's class: ``transport``, ``loop``, ``url``,
+``headers``, ``cycle`` and ``send_400_response``. A uvicorn release that changes them
+fails the battery.
 
 No timer runs on the common path: a head or a body that arrives whole in one read arms
 none. A timer is armed only when a read ends with the head or the body still incomplete.
@@ -28,7 +29,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -67,16 +68,11 @@ class HttpProtocol(HttpToolsProtocol):
         self._refused = False  # answered 431 or 408: what still comes is dropped
         self._timer: asyncio.TimerHandle | None = None  # a head deadline or a body check
         self._last_read = 0.0  # loop time of the last read, while a body is awaited
-        self._own_transport: asyncio.Transport | None = None
-        self._own_loop: asyncio.AbstractEventLoop | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        # uvloop's transports are not asyncio.Transport instances; a stream transport here.
-        self._own_transport = cast(asyncio.Transport, transport)
-        self._own_loop = asyncio.get_running_loop()
         # A connection that sends nothing (or only blank lines) is held no longer than a
         # slow head; the first complete head disarms it.
         self._arm(self.head_timeout, self._head_expired)
@@ -94,8 +90,7 @@ class HttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         if self._reading is _Reading.BODY:
-            assert self._own_loop is not None
-            self._last_read = self._own_loop.time()
+            self._last_read = self.loop.time()
             if self._timer is None:
                 self._arm(self.body_timeout, self._body_check)
         elif began is _Reading.HEAD and heads == self._heads:
@@ -145,9 +140,8 @@ class HttpProtocol(HttpToolsProtocol):
     # --- deadlines ----------------------------------------------------------------------------
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        assert self._own_loop is not None
         self._disarm()
-        self._timer = self._own_loop.call_later(delay, callback)
+        self._timer = self.loop.call_later(delay, callback)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -174,10 +168,10 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _body_check(self) -> None:
         self._timer = None
-        transport, loop = self._own_transport, self._own_loop
-        if self._reading is not _Reading.BODY or transport is None or loop is None:
+        if self._reading is not _Reading.BODY:
             return
-        if not transport.is_reading():
+        loop = self.loop
+        if not self.transport.is_reading():
             # Reading is paused because the app has not taken the body yet (flow control):
             # the client is not the one keeping it waiting.
             self._last_read = loop.time()
@@ -203,8 +197,8 @@ class HttpProtocol(HttpToolsProtocol):
         closes the connection."""
         log.info("refusing a request: %s", message)
         self._refused = True
-        transport = self._own_transport
-        if transport is not None and not transport.is_closing():
+        transport = self.transport
+        if not transport.is_closing():
             text = message.encode()
             transport.write(
                 b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -221,6 +215,5 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _close(self) -> None:
         self._disarm()
-        transport = self._own_transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        if not self.transport.is_closing():
+            self.transport.close()
