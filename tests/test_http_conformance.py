@@ -31,13 +31,18 @@ from tests.test_relay_raw import events, raw_model, received
 BODY = b'{"model": "m", "id": "%s"}'
 HOST = b"Host: 127.0.0.1\r\n"
 
+LINE = b"POST /v1/chat/completions HTTP/1.1\r\n"
+
+
+def raw(fields: bytes, body: bytes, line: bytes = LINE) -> bytes:
+    """A request with these header lines (each ending in CRLF) after Host, as it is."""
+    return line + HOST + fields + b"\r\n" + body
+
 
 def post(name: str, headers: bytes = b"", version: bytes = b"HTTP/1.1") -> bytes:
     body = BODY % name.encode()
-    return (
-        b"POST /v1/chat/completions " + version + b"\r\n" + HOST + headers
-        + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )  # fmt: skip
+    line = b"POST /v1/chat/completions " + version + b"\r\n"
+    return raw(headers + b"Content-Length: %d\r\n" % len(body), body, line)
 
 
 def chunked(head: bytes, body: bytes, after: bytes = b"0\r\n\r\n") -> bytes:
@@ -128,14 +133,6 @@ async def still_serving(mgr: RunningManager, log: Path) -> None:
     status, _, body = await exchange(mgr, post("after"))
     assert status == 200 and json.loads(body)["answer_to"] == "after"
     assert received(log)[-1]["body"] == (BODY % b"after").hex()
-
-
-LINE = b"POST /v1/chat/completions HTTP/1.1\r\n"
-
-
-def raw(fields: bytes, body: bytes, line: bytes = LINE) -> bytes:
-    """A request with these header lines (each ending in CRLF) after Host, as it is."""
-    return line + HOST + fields + b"\r\n" + body
 
 
 def ident(name: bytes) -> bytes:
