@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
+from llm_manager.models.launch import new_api_key
 from tests.conftest import fake_command, make_config, running_manager
 
 
@@ -56,3 +57,11 @@ async def test_without_the_placeholder_the_clients_key_goes_through(tmp_path: Pa
         assert manager.supervisor.resolve("plain").engine_auth is None
         status, _ = await manager.post("/v1/chat/completions", json=chat)
         assert status == 401
+
+
+def test_an_engine_key_never_reads_as_a_command_line_option() -> None:
+    # URL-safe keys began with "-" once in 64 starts, and "--api-key -X..." failed the
+    # start (argparse: "expected one argument"; seen in CI).
+    keys = {new_api_key() for _ in range(5000)}
+    assert len(keys) == 5000
+    assert all(len(key) == 32 and key.isalnum() for key in keys)

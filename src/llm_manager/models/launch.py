@@ -59,6 +59,13 @@ def describe(scheme: SchemeConfig) -> str:
     return scheme.command or ""
 
 
+def new_api_key() -> str:
+    """A start's own engine key: 32 hex characters (128 bits). Not token_urlsafe: one key in
+    64 began with "-", and an engine's command line (``--api-key {api_key}``) read it as an
+    option; llama-server and argparse-based engines then refused to start."""
+    return secrets.token_hex(16)
+
+
 def build(
     scheme: SchemeConfig,
     *,
@@ -81,7 +88,7 @@ def build(
         "alias": aliases[0] if aliases else name,
         "host": host,
         "data_dir": str(data_dir),
-        "api_key": secrets.token_urlsafe(24),  # this start's own; see Launch.api_key
+        "api_key": new_api_key(),  # this start's own; see Launch.api_key
     }
     env = {} if remote else dict(os.environ)
     env.update(
