@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 import yaml
 
 from llm_manager.config import load_file
 from llm_manager.models.runtime import State
+from llm_manager.server import EarlySignals, _Server
 from llm_manager.settings import resolve_paths
 from tests.conftest import alive, fake_command, read_pids, running_manager, wait_until
 from tests.test_server_process import launch
@@ -165,3 +167,23 @@ async def test_a_new_store_or_cluster_needs_a_restart(tmp_path: Path, spawn_log:
         # Nothing was joined or opened: the running store and device readings stay.
         assert mgr.app.cluster is None
         assert mgr.app.db.status()["store"].endswith("llm-manager.db")
+
+
+async def test_a_sighup_before_the_handlers_are_in_place_is_not_lost() -> None:
+    # `llm-manager serve` logs where it listens before the server installs its own signal
+    # handlers; a SIGHUP sent on seeing that line used to be ignored (seen in make test).
+    early = EarlySignals()
+    sigs = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
+    try:
+        early.install()
+        signal.raise_signal(signal.SIGHUP)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert early.reload_asked
+    reloads: list[str] = []
+    server = _Server(uvicorn.Config(app=None), early, on_reload=lambda: reloads.append("r"))
+    with server.capture_signals():
+        assert reloads == ["r"] and not early.reload_asked
+    assert not server.should_exit  # a reload, not a stop

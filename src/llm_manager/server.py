@@ -27,18 +27,24 @@ log = logging.getLogger("llm_manager")
 class EarlySignals:
     """Records SIGINT/SIGTERM that arrive before the server's own handlers are in place
     (while the config loads and the app is built), so that they still end in a clean
-    shutdown with exit status 0 instead of the default death by signal."""
+    shutdown with exit status 0 instead of the default death by signal; and a SIGHUP, so
+    that a reload asked in that moment (the "listening" line is logged before the handlers
+    are in place) is done once they are, not lost."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.reload_asked = False
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._record)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before start: nothing to do
+        signal.signal(signal.SIGHUP, self._record_reload)
 
     def _record(self, signum: int, _frame: object) -> None:
         self.received.append(signum)
+
+    def _record_reload(self, _signum: int, _frame: object) -> None:
+        self.reload_asked = True
 
 
 class _Server(uvicorn.Server):
@@ -75,6 +81,9 @@ class _Server(uvicorn.Server):
             sigs += (signal.SIGHUP,)
         if self._early is not None and self._early.received:
             on_signal(signal.Signals(self._early.received[0]))
+        elif self._early is not None and self._early.reload_asked and self._on_reload:
+            self._early.reload_asked = False
+            self._on_reload()
         try:
             yield
         finally:
