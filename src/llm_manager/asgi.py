@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 
 from llm_manager.api.errors import error_response
 from llm_manager.auth import KeyCheck, presented, required
-from llm_manager.gateway.forward import Receive, Scope, Send
+from llm_manager.gateway.direct import DirectRelay
+from llm_manager.gateway.forward import Gateway, Receive, Scope, Send
 from llm_manager.ollama.facade import send_error as ollama_error
 from llm_manager.ollama.paths import is_ollama
 from llm_manager.web_guard import READ_METHODS, Refusal, WebGuard
@@ -69,6 +70,9 @@ class Dispatcher:
         self._deny = deny
         self._guard = guard
         self._refuse = refuse  # an attribute: tests record refusals through it
+        # The forwarding route's common case, served by the HTTP protocol itself
+        # (gateway/direct.py, http_protocol.py); everything else comes through here.
+        self.direct = DirectRelay(gateway, keys, guard) if isinstance(gateway, Gateway) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

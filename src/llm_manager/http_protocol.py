@@ -13,11 +13,18 @@ the model server as if they were headers. Each was provoked by the raw-socket ba
   reads of a body (the connection is closed: the app may already be answering);
 - trailer fields dropped (RFC 9110 §6.5.1 allows it; nothing here uses them);
 - a refusal's connection closed lingering: the sending side ended, what the client still
-  sends dropped for a moment, so the answer is read before the close resets it.
+  sends dropped for a moment, so the answer is read before the close resets it;
+- the direct relay (gateway/direct.py): a request the app's relay accepts on its head is
+  read and answered here, without uvicorn's cycle and task; one it cannot serve after all
+  is handed to a uvicorn cycle with its body, as if uvicorn had read it. While a direct
+  exchange runs it stands as the connection's ``cycle`` (pipelined requests queue behind
+  it, shutdown waits for it), and its end does what uvicorn does at a cycle's end.
 
 Besides the callbacks it uses these of uvicorn's class: ``transport``, ``loop``, ``url``,
-``headers``, ``cycle`` and ``send_400_response``. A uvicorn release that changes them
-fails the battery.
+``headers``, ``cycle``, ``scope``, ``parser``, ``flow``, ``server_state``,
+``expect_100_continue``, ``tasks``, ``on_response_complete``, ``RequestResponseCycle``
+and ``send_400_response``. A uvicorn release that changes them
+fails the battery (tests/test_http_conformance.py, tests/test_direct_relay.py).
 
 No timer runs on the common path: a head or a body that arrives whole in one read arms
 none. A timer is armed only when a read ends with the head or the body still incomplete.
@@ -31,7 +38,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from llm_manager.gateway.direct import App, DirectRelay, Exchange, Phase
 
 log = logging.getLogger("llm_manager")
 
@@ -68,6 +77,13 @@ class HttpProtocol(HttpToolsProtocol):
         self._refused = False  # answered 431 or 408: what still comes is dropped
         self._timer: asyncio.TimerHandle | None = None  # a head deadline or a body check
         self._last_read = 0.0  # loop time of the last read, while a body is awaited
+        # The forwarding route's common case, served here without an ASGI cycle
+        # (gateway/direct.py): the app's relay, and the exchange under way.
+        # Not while uvicorn logs each request (log level debug): its access log is the
+        # ASGI cycle's.
+        relay = None if self.access_log else getattr(self.app, "direct", None)
+        self._direct: DirectRelay | None = relay
+        self._exchange: Exchange | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -79,7 +95,27 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        exchange = self._exchange
+        if exchange is not None:
+            self._exchange = None
+            exchange.client_lost()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._exchange is not None:
+            self._exchange.client_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._exchange is not None:
+            self._exchange.client_resumed()
+
+    def shutdown(self) -> None:
+        if self._exchange is not None:
+            self._exchange.keep_alive = False  # closed once its answer is complete
+            return
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -120,17 +156,122 @@ class HttpProtocol(HttpToolsProtocol):
         ):
             self._refuse_too_large()
             raise _Refused  # stops the parser: the app is never called for this request
+        relay = self._direct
+        if relay is not None and self._exchange is None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # not pipelined behind an answer
+                exchange = self._direct_exchange(relay)
+                if exchange is not None:
+                    self._exchange = exchange
+                    self.cycle = exchange  # type: ignore[assignment]  # uvicorn's bookkeeping
+                    self.headers = []  # trailers: as below
+                    return
         super().on_headers_complete()
         # uvicorn appends every later field to this list, which is the request's
         # scope["headers"]: a chunked body's trailer fields would join the headers (and be
         # forwarded to the model server as headers). They go to a list no one reads.
         self.headers = []
 
+    def _receiving(self) -> Exchange | None:
+        """The direct exchange whose request body the parser is reading, if any."""
+        exchange = self._exchange
+        current: object = self.cycle
+        if exchange is not None and current is exchange and exchange.phase is Phase.RECEIVING:
+            return exchange
+        return None
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._receiving()
+        if exchange is not None:
+            exchange.add_body(body)
+            return
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._reading = _Reading.HEAD
         if self._timer is not None:
             self._disarm()
+        exchange = self._receiving()
+        if exchange is not None:
+            exchange.request_complete()
+            return
         super().on_message_complete()
+
+    # --- the direct relay (gateway/direct.py) -------------------------------------------------
+
+    def _direct_exchange(self, relay: DirectRelay) -> Exchange | None:
+        """An exchange for a request the direct relay serves (judged on its head), else
+        None: uvicorn's cycle and the ASGI app serve it."""
+        parser = self.parser
+        if (
+            self.expect_100_continue
+            or parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or parser.should_upgrade()
+            or self.root_path
+        ):
+            return None
+        url = self.url
+        # The plain path only: a query, an escape or an absolute form takes the ASGI path.
+        if url[:1] != b"/" or b"?" in url or b"%" in url or b"#" in url:
+            return None
+        try:
+            path = url.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        declared = relay.accepts(path, url, self.headers)
+        if declared < 0:
+            return None
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+        scope["method"] = "POST"
+        scope["path"] = path
+        scope["raw_path"] = url
+        scope["query_string"] = b""
+        return Exchange(relay, self, scope, declared)
+
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.server_state.default_headers
+
+    def hand_over(self, exchange: Exchange, app: App | None) -> None:
+        """A request read by the direct relay is answered by an ASGI app after all: the
+        server's own (which checks it from the start), or an error answer. Its body is
+        whole; the cycle is uvicorn's, as if uvicorn had read the request."""
+        if self._exchange is exchange:
+            self._exchange = None
+        cycle = RequestResponseCycle(
+            scope=exchange.scope,  # type: ignore[arg-type]
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=exchange.keep_alive,
+            on_response=self.on_response_complete,
+        )
+        cycle.body = exchange.body  # type: ignore[assignment]  # bytes: receive() copies none
+        cycle.more_body = False
+        cycle.message_event.set()  # as uvicorn's on_message_complete: the body is there
+        current: object = self.cycle
+        if current is exchange:  # not when a pipelined request is queued behind it
+            self.cycle = cycle
+        if self.transport.is_closing():
+            cycle.disconnected = True
+        # As uvicorn starts a cycle's task (the server waits for these at shutdown).
+        task = self.loop.create_task(cycle.run_asgi(app or self.app))  # type: ignore[arg-type]
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def exchange_ended(self, exchange: Exchange) -> None:
+        """The direct relay's answer is complete: as uvicorn ends a cycle."""
+        if self._exchange is exchange:
+            self._exchange = None
+        if not exchange.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def _head_size(self) -> int:
         """The head's size as parsed: the target, and each field with its separators."""

@@ -184,6 +184,27 @@ class Gateway:
         self._drop_raw = self._drop - {b"accept-encoding"}
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once known
 
+    # What the direct relay (direct.py) shares with this path.
+    @property
+    def supervisor(self) -> Supervisor:
+        return self._supervisor
+
+    @property
+    def settings(self) -> GatewaySettings:
+        return self._settings
+
+    @property
+    def upstream(self) -> UpstreamPool:
+        return self._upstream
+
+    @property
+    def record(self) -> RecordSink:
+        return self._record
+
+    @property
+    def error(self) -> ErrorResponder:
+        return self._error
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
@@ -403,17 +424,9 @@ class Gateway:
             target: bytes = scope["raw_path"]
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
-            drop = self._drop
-            headers = [item for item in scope["headers"] if item[0] not in drop]
-            headers.append(_IDENTITY)
-        else:  # the client's Accept-Encoding goes through: the answer may come compressed
+        else:
             target = passthrough
-            drop = self._drop_raw
-            headers = [item for item in scope["headers"] if item[0] not in drop]
-        auth = runtime.engine_auth
-        if auth is not None:  # the engine's own key ({api_key}), never the client's
-            headers = [item for item in headers if item[0] not in _KEY_HEADERS]
-            headers.append(auth)
+        headers = self.upstream_headers(runtime, scope["headers"], passthrough is not None)
         method: str = scope["method"]
         host = runtime.host  # this machine, or the engine's node in cluster mode
         head = request_head(method, target, f"{host}:{port}".encode(), headers, len(body))
@@ -455,6 +468,24 @@ class Gateway:
         except UpstreamError as exc:
             raise UpstreamFailed(f"the model server failed: {exc}") from None
 
+    def upstream_headers(
+        self, runtime: ModelRuntime, received: list[tuple[bytes, bytes]], passthrough: bool
+    ) -> list[tuple[bytes, bytes]]:
+        """The client's request headers as the model server gets them: hop-by-hop ones
+        and those the relay sets dropped, the engine's own key in place of the client's."""
+        if not passthrough:
+            drop = self._drop
+            headers = [item for item in received if item[0] not in drop]
+            headers.append(_IDENTITY)
+        else:  # the client's Accept-Encoding goes through: the answer may come compressed
+            drop = self._drop_raw
+            headers = [item for item in received if item[0] not in drop]
+        auth = runtime.engine_auth
+        if auth is not None:  # the engine's own key ({api_key}), never the client's
+            headers = [item for item in headers if item[0] not in _KEY_HEADERS]
+            headers.append(auth)
+        return headers
+
     async def _pipe(
         self,
         upstream: Response,
@@ -478,21 +509,7 @@ class Gateway:
             sse = scan_json = False  # compressed (the passthrough keeps Accept-Encoding)
         record.stream = sse or record.stream  # asked for, or answered as, a stream
         failing = upstream.status >= 400  # the engine's own error: its words go in the record
-        headers = []
-        drop = _DROP_BODILESS if upstream.status in (204, 304) else _DROP_RESPONSE
-        named: bytes | None = None  # the Connection header's value, if any
-        for name, value in upstream.headers:  # names in lower case (upstream.py)
-            if name not in drop:
-                headers.append((name, value))
-            elif name == b"connection":
-                named = value
-        if named is not None:
-            headers = without_connection_named(headers, named)
-        if sse or not upstream.sized:
-            # A stream (or an answer of unknown length, which may come piece by piece):
-            # a proxy in front must not hold it back. An answer of a known length loses
-            # nothing by being buffered, and each header costs the server a little.
-            headers.append(_NO_BUFFERING)
+        headers = answer_headers(upstream.headers, upstream.status, sse or not upstream.sized)
         # The gateway's own time before the answer starts: its checks, plus the turnaround
         # of the model's headers (waits for a queue slot or a start are not counted).
         overhead = (time.perf_counter() - own_from) * 1000
@@ -725,6 +742,29 @@ async def _send_redirect(scope: Scope, send: Send, location: bytes) -> None:
     headers = [(b"location", location), (b"content-length", b"0")]
     await send({"type": "http.response.start", "status": 308, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
+
+
+def answer_headers(
+    received: list[tuple[bytes, bytes]], status: int, unbuffered: bool
+) -> list[tuple[bytes, bytes]]:
+    """The model server's answer headers as the client gets them: hop-by-hop ones dropped
+    (and those its Connection header names), Date and Server left to this server.
+    ``unbuffered``: a stream, or an answer of unknown length (which may come piece by
+    piece), that a proxy in front must not hold back. An answer of a known length loses
+    nothing by being buffered, and each header costs the server a little."""
+    headers = []
+    drop = _DROP_BODILESS if status in (204, 304) else _DROP_RESPONSE
+    named: bytes | None = None  # the Connection header's value, if any
+    for name, value in received:  # names in lower case (upstream.py)
+        if name not in drop:
+            headers.append((name, value))
+        elif name == b"connection":
+            named = value
+    if named is not None:
+        headers = without_connection_named(headers, named)
+    if unbuffered:
+        headers.append(_NO_BUFFERING)
+    return headers
 
 
 def without_connection_named(

@@ -216,6 +216,11 @@ class _Connection(asyncio.Protocol):
         self._read_timeout = 0.0
         self._last_data = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        # A callback-driven reader (gateway/direct.py) instead of a waiting task: called
+        # when something new arrives, after the read that brought it has been parsed whole.
+        self.listener: Callable[[], None] | None = None
+        self._feeding = False  # inside feed_data: a wake-up is told after it returns
+        self._woken = False
         self._begin(False)
 
     def _begin(self, head_only: bool) -> None:
@@ -390,6 +395,7 @@ class _Connection(asyncio.Protocol):
                 self._end(_DIRTY, "bytes from the model server after the answer")
             return  # DIRTY, CLOSED: the transport is closing, nothing more is wanted
         self._last_data = self._loop.time()
+        self._feeding = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -403,6 +409,15 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamError(f"invalid HTTP from the model server: {exc}"))
                 self._end(_DIRTY, "invalid HTTP")
+        finally:
+            self._feeding = False
+        if self._woken:
+            # Told once per read, after the parser is done with it: the listener may give
+            # the connection back to the pool, which must not happen inside a callback.
+            self._woken = False
+            listener = self.listener
+            if listener is not None:
+                listener()
 
     def eof_received(self) -> bool:
         self._engine_closed(None)
@@ -548,6 +563,13 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
+        listener = self.listener
+        if listener is not None:
+            if self._feeding:
+                self._woken = True
+            else:
+                listener()
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -672,6 +694,15 @@ class UpstreamPool:
     def keeps_streams(self, host: str, port: int) -> bool:
         """Whether connections to this server are reused right after a chunked answer."""
         return (host, port) in self._keeps_streams
+
+    def reuse(self, key: tuple[str, int]) -> _Connection | None:
+        """An idle connection to ``key`` that can carry a request now, taken from the pool
+        (the caller sends on it, or closes it); None when there is none."""
+        return self._reuse(key)
+
+    async def connect(self, key: tuple[str, int], timeout: float) -> _Connection:
+        """A new connection to ``key`` (ConnectFailed, ConnectTimeout or Dropped)."""
+        return await self._connect(key, timeout)
 
     def _reuse(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)

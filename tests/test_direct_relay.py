@@ -1,0 +1,261 @@
+"""The direct relay (gateway/direct.py): the forwarding route's common case served from the
+HTTP protocol's callbacks. Each test checks which path served a request (the protocol's
+``exchange_ended`` for the direct path, ``hand_over`` for a request it gave to the ASGI
+path), what the client got and what the record says. The rest of the suite runs through
+the direct path wherever a request qualifies: test_http_conformance.py, test_relay_raw.py,
+test_gateway.py and test_cut_reasons.py hold it to the ASGI path's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from llm_manager.gateway.direct import Exchange, Phase
+from llm_manager.http_protocol import HttpProtocol
+from tests.conftest import make_config, running_manager, wait_until
+from tests.test_gateway import client, fake_model, records
+from tests.test_http_conformance import Client, engine_behind, post
+from tests.test_relay_raw import events, raw_model, received
+
+
+class Paths:
+    """Which path served each request: "direct", or "handed over" (the ASGI path after
+    the direct relay read the request), in order of their ends or hand-overs."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def direct(self) -> int:
+        return self.seen.count("direct")
+
+    def handed(self) -> int:
+        return self.seen.count("handed over")
+
+
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
+    found = Paths()
+    ended, handed = HttpProtocol.exchange_ended, HttpProtocol.hand_over
+
+    def exchange_ended(self: HttpProtocol, exchange: Exchange) -> None:
+        found.seen.append("direct")
+        ended(self, exchange)
+
+    def hand_over(self: HttpProtocol, exchange: Exchange, app: Any) -> None:
+        found.seen.append("handed over")
+        handed(self, exchange, app)
+
+    monkeypatch.setattr(HttpProtocol, "exchange_ended", exchange_ended)
+    monkeypatch.setattr(HttpProtocol, "hand_over", hand_over)
+    yield found
+
+
+async def test_openai_requests_take_the_direct_path_and_their_records_are_whole(
+    tmp_path: Path, spawn_log: Path, paths: Paths
+) -> None:
+    models = {"chat-model": fake_model(spawn_log, aliases=["chat"])}
+    async with running_manager(make_config(tmp_path, models)) as mgr, client(mgr) as ai:
+        # Stopped: the first request waits for a start, which is the ASGI path's work.
+        first = await ai.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert first.choices[0].message.content == "hello " * 5
+        assert paths.seen == ["handed over"]
+        # Routing now: by alias (the body renamed), non-streamed and streamed.
+        again = await ai.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert again.choices[0].message.content == "hello " * 5
+        stream = await ai.chat.completions.create(
+            model="chat-model",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts = [c.choices[0].delta.content async for c in stream if c.choices]
+        assert parts == [f"tok{i} " for i in range(5)]
+        assert paths.seen == ["handed over", "direct", "direct"]
+        rows = await records(mgr, limit="10")
+        streamed, plain, started = rows  # newest first
+        for row in rows:
+            assert row["model"] == "chat-model" and row["status"] == 200
+            assert row["endpoint"] == "/v1/chat/completions" and row["error"] is None
+            assert row["ttfb_ms"] is not None and row["duration_ms"] >= row["ttfb_ms"]
+        assert plain["prompt_tokens"] == started["prompt_tokens"] == 7
+        assert plain["completion_tokens"] == started["completion_tokens"]
+        assert streamed["stream"] is True and plain["stream"] is False
+        assert streamed["completion_tokens"] is not None
+        runtime = mgr.supervisor.resolve("chat-model")
+        assert runtime.pending == 0 and runtime.admitted == 0
+
+
+async def test_what_the_direct_path_does_not_serve_is_answered_as_before(
+    tmp_path: Path, paths: Paths
+) -> None:
+    async with engine_behind(tmp_path) as (mgr, log):
+        # Judged on the head (a query string): never read by the direct relay at all.
+        status, _, body = await exchange_at(mgr, b"/v1/chat/completions?x=1", b'{"model": "m"}')
+        assert status == 200 and paths.seen == []
+        # Read, then handed over: the ASGI path answers as it always did.
+        cases = [
+            (b'{"model": "nope"}', 404, "model_not_found"),
+            (b'{"model": 5}', 400, "invalid_request_error"),
+            (b"[1, 2", 400, "invalid_request_error"),
+            (b'{"messages": []}', 400, "invalid_request_error"),
+        ]
+        for data, want, kind in cases:
+            status, _, body = await exchange_at(mgr, b"/v1/chat/completions", data)
+            assert status == want, data
+            error = json.loads(body)["error"]
+            assert error["type"] == kind or error.get("code") == kind, (data, error)
+        assert paths.seen == ["handed over"] * len(cases)
+        # An embedding path for a chat model: the mode gate's 400, from the ASGI path.
+        status, _, body = await exchange_at(mgr, b"/v1/embeddings", b'{"model": "m"}')
+        assert status == 400 and "does not serve" in json.loads(body)["error"]["message"]
+        assert len(received(log)) == 1  # only the request that named a served model
+
+
+async def exchange_at(mgr: Any, target: bytes, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    connection = await Client.open(mgr)
+    try:
+        await connection.send(
+            b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        return await connection.answer()
+    finally:
+        connection.close()
+
+
+async def test_one_client_connection_and_one_engine_connection_carry_many(
+    tmp_path: Path, paths: Paths
+) -> None:
+    async with engine_behind(tmp_path) as (mgr, log):
+        connection = await Client.open(mgr)
+        for i in range(20):
+            await connection.send(post(f"k{i}"))
+            status, headers, body = await connection.answer()
+            assert status == 200 and json.loads(body)["answer_to"] == f"k{i}"
+            assert "date" in headers and float(headers["x-llm-manager-overhead-ms"]) >= 0
+        connection.close()
+        assert paths.direct() == 20 and paths.handed() == 0
+        # The pooled connection to the engine carried them all.
+        assert {r["conn"] for r in received(log)} == {received(log)[0]["conn"]}
+
+
+async def test_a_client_leaving_mid_answer_stops_the_engine_and_is_recorded(
+    tmp_path: Path, paths: Paths
+) -> None:
+    async with engine_behind(tmp_path, scenario="flood") as (mgr, log):
+        connection = await Client.open(mgr)
+        await connection.send(post("leaving"))
+        head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        await connection.reader.readexactly(100_000)
+        connection.writer.transport.abort()
+        conn = received(log)[0]["conn"]
+        # The engine's connection is closed at once (no reuse of a half-read answer).
+        await wait_until(lambda: any(e.get("conn") == conn for e in closed(log)), 10)
+        rows = await records(mgr, limit="1")
+        assert rows[0]["status"] == 499 and rows[0]["error"] == "client disconnected"
+        runtime = mgr.supervisor.resolve("m")
+        assert runtime.pending == 0 and runtime.admitted == 0 and runtime.gate.active == 0
+        assert mgr.app.upstream.open_connections == 0
+        assert paths.direct() == 0  # it never ended as an answer
+
+
+def closed(log: Path) -> list[dict[str, Any]]:
+    return [e for e in events(log) if e["event"] in ("eof", "closed")]
+
+
+async def test_a_client_that_takes_nothing_is_cut_after_read_timeout(
+    tmp_path: Path, paths: Paths
+) -> None:
+    models, log = raw_model(tmp_path, "flood")
+    config = make_config(tmp_path, models, read_timeout="1s")
+    async with running_manager(config) as mgr:
+        status, _ = await mgr.post("/api/models/m/start")
+        assert status == 200
+        connection = await Client.open(mgr)
+        await connection.send(post("stalled"))
+        await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+        # Reading nothing: the buffers on both hops fill, then the relay gives up.
+        rows: list[dict[str, Any]] = []
+
+        async def recorded() -> bool:
+            rows[:] = await records(mgr, limit="1")
+            return bool(rows)
+
+        for _ in range(100):
+            if await recorded():
+                break
+            await asyncio.sleep(0.1)
+        assert rows and rows[0]["status"] == 499
+        assert rows[0]["error"] == "the client took no data for 1 s (read_timeout)"
+        assert await connection.closed()
+        connection.close()
+        runtime = mgr.supervisor.resolve("m")
+        assert runtime.pending == 0 and runtime.admitted == 0
+
+
+async def test_the_phases_refuse_an_illegal_move() -> None:
+    exchange = Exchange.__new__(Exchange)
+    exchange.phase = Phase.DONE
+    with pytest.raises(RuntimeError, match="DONE -> ANSWERING"):
+        exchange._to(Phase.ANSWERING)
+
+
+async def test_an_engine_that_fails_before_answering_gets_the_asgi_paths_error(
+    tmp_path: Path, paths: Paths
+) -> None:
+    """close-after-read: the engine reads the second request on a connection and closes.
+    A POST the engine may have read is never sent twice: 502, as the ASGI path answers."""
+    async with engine_behind(tmp_path, scenario="close-after-read") as (mgr, log):
+        connection = await Client.open(mgr)
+        await connection.send(post("one"))
+        assert (await connection.answer())[0] == 200
+        await connection.send(post("two"))
+        status, _, body = await connection.answer()
+        assert status == 502
+        assert "not sent again" in json.loads(body)["error"]["message"]
+        # The client's connection goes on.
+        await connection.send(post("three"))
+        status, _, body = await connection.answer()
+        assert status == 200 and json.loads(body)["answer_to"] == "three"
+        connection.close()
+        assert [json.loads(bytes.fromhex(r["body"]))["id"] for r in received(log)] == [
+            "one",
+            "two",
+            "three",
+        ]
+        assert paths.seen == ["direct", "handed over", "direct"]
+
+
+async def test_the_official_client_streams_through_the_direct_path_under_load(
+    tmp_path: Path, spawn_log: Path, paths: Paths
+) -> None:
+    models = {"m": fake_model(spawn_log)}
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        status, _ = await mgr.post("/api/models/m/start")
+        assert status == 200
+        ai = openai.AsyncOpenAI(base_url=mgr.url + "/v1", api_key="x", max_retries=0)
+
+        async def one(i: int) -> list[str]:
+            stream = await ai.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": str(i)}], stream=True
+            )
+            return [c.choices[0].delta.content async for c in stream if c.choices]
+
+        async with ai:
+            answers = await asyncio.gather(*(one(i) for i in range(24)))
+        assert all(a == [f"tok{i} " for i in range(5)] for a in answers)
+        assert paths.direct() == 24
+        rows = await records(mgr, limit="30")
+        assert len(rows) == 24 and {r["status"] for r in rows} == {200}
