@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httptools
 import openai
 import pytest
 
@@ -259,3 +260,12 @@ async def test_the_official_client_streams_through_the_direct_path_under_load(
         assert paths.direct() == 24
         rows = await records(mgr, limit="30")
         assert len(rows) == 24 and {r["status"] for r in rows} == {200}
+
+
+@pytest.mark.parametrize("char", [b"\x00", b"\x01", b"\x0b", b"\x1f", b"\x7f", b"\r"])
+def test_the_upstream_parser_refuses_control_characters_in_header_values(char: bytes) -> None:
+    """The direct relay sends the model server's header values on unchecked: it relies on
+    llhttp refusing an answer that uvicorn would refuse to send."""
+    parser = httptools.HttpResponseParser(object())
+    with pytest.raises(httptools.HttpParserError):
+        parser.feed_data(b"HTTP/1.1 200 OK\r\nX-A: a" + char + b"b\r\nContent-Length: 0\r\n\r\n")
