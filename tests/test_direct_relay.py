@@ -269,3 +269,27 @@ def test_the_upstream_parser_refuses_control_characters_in_header_values(char: b
     parser = httptools.HttpResponseParser(object())
     with pytest.raises(httptools.HttpParserError):
         parser.feed_data(b"HTTP/1.1 200 OK\r\nX-A: a" + char + b"b\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_a_shutdown_lets_a_direct_answer_finish_then_closes_its_connection(
+    tmp_path: Path, spawn_log: Path, paths: Paths
+) -> None:
+    models = {"m": fake_model(spawn_log, "--chunks", "10", "--chunk-delay", "0.1")}
+    body = b'{"model": "m", "stream": true, "messages": []}'
+    async with running_manager(make_config(tmp_path, models)) as mgr:
+        status, _ = await mgr.post("/api/models/m/start")
+        assert status == 200
+        connection = await Client.open(mgr)
+        await connection.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head
+        rest = asyncio.create_task(connection.reader.read())  # to the connection's end
+        # Leaving the block shuts the server down while the answer is still streaming.
+    data = await asyncio.wait_for(rest, 10)
+    connection.close()
+    assert data.count(b"data: ") >= 10 and data.endswith(b"0\r\n\r\n")
+    assert b"[DONE]" in data
+    assert paths.seen == ["direct"]
