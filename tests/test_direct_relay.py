@@ -293,3 +293,90 @@ async def test_a_shutdown_lets_a_direct_answer_finish_then_closes_its_connection
     assert data.count(b"data: ") >= 10 and data.endswith(b"0\r\n\r\n")
     assert b"[DONE]" in data
     assert paths.seen == ["direct"]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Server:
+    """The protocol side of an exchange, for the unit test below."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, paused: bool) -> None:
+        self.transport = _Transport()
+        self.loop = loop
+        self.paused = paused
+        self.ended: list[Exchange] = []
+
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"date", b"today")]
+
+    def writing_paused(self) -> bool:
+        return self.paused
+
+    def hand_over(self, exchange: Exchange, app: Any) -> None:
+        raise AssertionError("not handed over")
+
+    def exchange_ended(self, exchange: Exchange) -> None:
+        self.ended.append(exchange)
+
+
+async def test_an_answer_waits_while_an_earlier_one_fills_the_client_transport() -> None:
+    """Unit test: a keep-alive client that has not read the previous answer yet (its
+    transport is over the high-water mark when the next exchange begins) gets nothing
+    more until it reads: the exchange starts paused, as uvicorn's cycle awaits the drain."""
+    from types import SimpleNamespace
+
+    from llm_manager.store.usage import RequestRecord
+
+    loop = asyncio.get_running_loop()
+    server = _Server(loop, paused=True)
+    given_back: list[Any] = []
+    recorded: list[RequestRecord] = []
+    relay = SimpleNamespace(
+        settings=SimpleNamespace(read_timeout=30.0),
+        upstream=SimpleNamespace(give_back=given_back.append),
+        record=recorded.append,
+    )
+    exchange = Exchange(relay, server, {"path": "/v1/chat/completions"}, 2)  # type: ignore[arg-type]
+    assert exchange._paused
+    answer = [b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}']
+
+    class Conn:  # an upstream connection whose whole answer has arrived
+        headers_done = eof = sized = True
+        status = 200
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"55")]
+        content_type = b"application/json"
+        error = None
+        listener = None
+
+        @property
+        def has_data(self) -> bool:
+            return bool(answer)
+
+        def take(self) -> bytes:
+            return answer.pop()
+
+    conn = Conn()
+    gate = SimpleNamespace(release=lambda: None)
+    runtime = SimpleNamespace(gate=gate, dismiss=lambda: None, release=lambda: None, stops=0)
+    exchange.phase = Phase.WAITING
+    exchange._conn = conn  # type: ignore[assignment]
+    exchange._runtime = runtime  # type: ignore[assignment]
+    exchange._record = RequestRecord("m", "/v1/chat/completions", "POST")
+    exchange._on_upstream()  # the whole answer has arrived
+    assert server.transport.written == [] and exchange.phase is Phase.ANSWERING
+    assert exchange._stall is not None  # the read_timeout for a client that never reads
+    exchange.client_resumed()
+    (written,) = server.transport.written
+    assert written.startswith(b"HTTP/1.1 200 OK\r\ndate: today\r\n")
+    assert written.endswith(
+        b"\r\n\r\n" + b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    )
+    assert exchange.phase is Phase.DONE and server.ended == [exchange]
+    assert given_back == [conn] and exchange._stall is None
+    assert recorded[0].status == 200 and recorded[0].completion_tokens == 4

@@ -233,6 +233,9 @@ class HttpProtocol(HttpToolsProtocol):
     def default_headers(self) -> list[tuple[bytes, bytes]]:
         return self.server_state.default_headers
 
+    def writing_paused(self) -> bool:
+        return bool(self.flow.write_paused)
+
     def hand_over(self, exchange: Exchange, app: App | None) -> None:
         """A request read by the direct relay is answered by an ASGI app after all: the
         server's own (which checks it from the start), or an error answer. Its body is

@@ -109,6 +109,9 @@ class Server(Protocol):
 
     def default_headers(self) -> list[tuple[bytes, bytes]]: ...
 
+    def writing_paused(self) -> bool:
+        """Whether the client's transport is full (an earlier answer not read yet)."""
+
     def hand_over(self, exchange: Exchange, app: App | None) -> None:
         """The ASGI path answers the request (``app``; None: the server's own app)."""
 
@@ -243,7 +246,7 @@ class Exchange:
         self._kept: list[bytes] = []
         self._kept_size = 0
         self._pending = b""  # the answer's head, sent with its first body bytes
-        self._paused = False  # the client's transport is full
+        self._paused = server.writing_paused()  # the client's transport is full
         self._stall: asyncio.TimerHandle | None = None
 
     def _to(self, phase: Phase) -> None:
@@ -439,6 +442,9 @@ class Exchange:
         # answer with a control character in a header value, which uvicorn would refuse
         # to send (tests/test_direct_relay.py checks the parser does).
         self._to(Phase.ANSWERING)
+        self.body = self._head = b""  # not sent again from here on: not held either
+        if self._paused:
+            self.client_paused()  # an earlier answer fills the client's transport
         record = self._record
         assert record is not None
         status = record.status = conn.status
