@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 
 _LARGE_WRITE = 64 * 1024  # chunks from this size on are written apart, not joined (a copy)
 _LAST_CHUNK = b"0\r\n\r\n"
-_IDEMPOTENCY = frozenset({b"idempotency-key", b"x-idempotency-key"})
 
 App = Callable[["Scope", "Receive", "Send"], Any]
 
@@ -399,9 +398,9 @@ class Exchange:
             conn.abandon()
         relay = self._relay
         settings = relay.settings
-        retry = isinstance(exc, Dropped) and (
-            not exc.sent or (exc.reused and _idempotent(self._headers))
-        )
+        # The retry rule (upstream.py), as the ASGI path applies it: once, on a new
+        # connection, only what certainly did not reach the engine (or is idempotent).
+        retry = isinstance(exc, Dropped) and exc.may_retry("POST", self._headers)
         if retry and self._tries < 2:
             self._send(fresh=True)  # certainly a new connection
             return
@@ -631,11 +630,6 @@ class Exchange:
         record.ended_at = time.time()
         record.duration_ms = (time.perf_counter() - self._began) * 1000
         self._relay.record(record)
-
-
-def _idempotent(headers: list[tuple[bytes, bytes]]) -> bool:
-    """A POST counts as idempotent only with an idempotency key (upstream.idempotent)."""
-    return any(name in _IDEMPOTENCY for name, _ in headers)
 
 
 def _status_line(status: int) -> bytes:
