@@ -380,3 +380,23 @@ async def test_an_answer_waits_while_an_earlier_one_fills_the_client_transport()
     assert exchange.phase is Phase.DONE and server.ended == [exchange]
     assert given_back == [conn] and exchange._stall is None
     assert recorded[0].status == 200 and recorded[0].completion_tokens == 4
+
+
+async def test_a_bug_in_the_direct_checks_hands_the_request_over(
+    tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while the direct relay checks a request (a bug) takes nothing
+    and leaves the request to the ASGI path, which serves it (here: its own, unbroken
+    model lookup)."""
+    from llm_manager.gateway import direct
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async with engine_behind(tmp_path) as (mgr, log):
+        monkeypatch.setattr(direct, "_find_model", broken)
+        status, _, body = await exchange_at(mgr, b"/v1/chat/completions", b'{"model": "m"}')
+        assert status == 200 and json.loads(body)["seq"] == 0
+        assert paths.seen == ["handed over"]
+        runtime = mgr.supervisor.resolve("m")
+        assert runtime.pending == 0 and runtime.admitted == 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
     from llm_manager.gateway.forward import Gateway, Receive, Scope, Send
     from llm_manager.gateway.upstream import _Connection
     from llm_manager.models.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
 
 _LARGE_WRITE = 64 * 1024  # chunks from this size on are written apart, not joined (a copy)
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -279,7 +282,11 @@ class Exchange:
         if self._received != self._declared:  # the parser frames by Content-Length
             self._hand_over(None)
             return
-        runtime = self._admit()
+        try:
+            runtime = self._admit()
+        except Exception:  # a bug: the ASGI path answers (and logs) it as its own
+            log.exception("direct relay: unexpected error checking a request")
+            runtime = None
         if runtime is None:
             self._hand_over(None)
             return
@@ -313,6 +320,12 @@ class Exchange:
             return None
         if runtime.port is None or runtime.turn_ends is not None:
             return None  # a turn is set: the ASGI path keeps streams alive while it ends
+        if named and name != runtime.name:
+            # Called by an alias or a prefix: only those bytes change (forward.py).
+            if field is not None:
+                self.body = rename_form_model(self.body, field, runtime.name)
+            else:
+                self.body = rename_model(self.body, runtime.name)
         runtime.acquire()
         if not runtime.try_admit():
             runtime.release()
@@ -321,12 +334,6 @@ class Exchange:
             runtime.dismiss()
             runtime.release()
             return None
-        if named and name != runtime.name:
-            # Called by an alias or a prefix: only those bytes change (forward.py).
-            if field is not None:
-                self.body = rename_form_model(self.body, field, runtime.name)
-            else:
-                self.body = rename_model(self.body, runtime.name)
         record = self._record = RequestRecord(runtime.name, scope["path"], "POST", stream=stream)
         record.wait_ms = 0.0  # it waited for nothing: a wait is the ASGI path's
         return runtime
