@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
 from llm_manager.auth import KeyCheck, presented, required
 from llm_manager.errors import ManagerError, UpstreamFailed, UpstreamTimeout
 from llm_manager.gateway import endpoints
@@ -279,9 +281,6 @@ class Exchange:
             parts = self._parts
             self.body = parts[0] if len(parts) == 1 else b"".join(parts)
             self._parts = []
-        if self._received != self._declared:  # the parser frames by Content-Length
-            self._hand_over(None)
-            return
         try:
             runtime = self._admit()
         except Exception:  # a bug: the ASGI path answers (and logs) it as its own
@@ -523,10 +522,14 @@ class Exchange:
             self._cut(conn.error)
 
     def _finish(self, conn: _Connection) -> None:
-        self._to(Phase.DONE)
         self._conn = None
         conn.listener = None
         self._relay.upstream.give_back(conn)
+        self._complete()
+
+    def _complete(self) -> None:
+        """The answer is whole on the client's side: the connection goes on."""
+        self._to(Phase.DONE)
         self._end()
         self.response_complete = True
         self._server.exchange_ended(self)
@@ -548,10 +551,7 @@ class Exchange:
             event = _error_event(record.error, "upstream_error", 502)["body"]
             transport.write(self._pending + b"%x\r\n%b\r\n" % (len(event), event) + _LAST_CHUNK)
             self._pending = b""
-            self._to(Phase.DONE)
-            self._end()
-            self.response_complete = True
-            self._server.exchange_ended(self)
+            self._complete()
             return
         self._to(Phase.CUT)
         self._end()
@@ -640,16 +640,5 @@ class Exchange:
 
 
 def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = b"HTTP/1.1 %d \r\n" % status
-    return line
-
-
-def _status_lines() -> dict[int, bytes]:
-    from http import HTTPStatus
-
-    return {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-
-
-_STATUS_LINES = _status_lines()
+    """The status line as uvicorn writes it on the ASGI path (its table covers 100-599)."""
+    return STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status
