@@ -339,3 +339,34 @@ async def test_history_loads_while_a_reload_adds_a_model() -> None:
     book.create("b")  # what the reload does while the history is read
     await loading
     assert [line.message for line in book.get("a").lines()] == ["a line"]
+
+
+SPLIT_INPUT = (
+    b"first\r\nsecond \xff\xfe line\n"
+    + b"x" * (MAX_LINE_BYTES + 100)
+    + b"\nafter the long one\n"
+    + b"y" * (MAX_LINE_BYTES + 5)
+    + b"\nlast, unended"
+)
+SPLIT_LINES = [
+    "first",
+    "second \ufffd\ufffd line",
+    "x" * MAX_LINE_BYTES + " …[truncated]",
+    "after the long one",
+    "y" * MAX_LINE_BYTES + " …[truncated]",
+    "last, unended",
+]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, len(SPLIT_INPUT)])
+def test_output_is_split_into_the_same_lines_however_it_is_read(size: int) -> None:
+    # The splitter takes whole reads apart in one go: the lines must not depend on where
+    # the reads were cut (a byte at a time, mid-line, mid-UTF-8, inside an over-long line).
+    from llm_manager.models.process import _LineSplitter
+
+    got: list[tuple[str, str]] = []
+    splitter = _LineSplitter("stderr", lambda stream, line: got.append((stream, line)))
+    for at in range(0, len(SPLIT_INPUT), size):
+        splitter.feed(SPLIT_INPUT[at : at + size])
+    splitter.finish()
+    assert got == [("stderr", line) for line in SPLIT_LINES]

@@ -105,9 +105,7 @@ def _hinted(lowered: str) -> bool:
 
 
 def _marked(message: str, lowered: str, hinted: bool) -> str | None:
-    match = _LLAMA.match(message) or _GLOG.match(message)
-    if match:
-        return _MARKER_LEVELS[match.group(1)]
+    """Rule 2 after the line-start markers (which ``classify`` looks for first)."""
     head = lowered[:NAMED_WITHIN]
     for word in _NAMED_HINTS:
         if word in head:
@@ -123,6 +121,12 @@ def _marked(message: str, lowered: str, hinted: bool) -> str | None:
 
 def classify(message: str) -> str:
     """The level of one line on its own (no traceback context): rules 2 to 4."""
+    # A line-start marker decides alone (rule 2 comes before rule 3's words), and nearly
+    # every line an engine prints has one (llama.cpp's "0.00.004.560 I ..."): checked
+    # first, before the lower-cased copy and the hints the other rules need.
+    match = _LLAMA.match(message) or _GLOG.match(message)
+    if match:
+        return _MARKER_LEVELS[match.group(1)]
     lowered = message.lower()
     hinted = _hinted(lowered)
     marked = _marked(message, lowered, hinted)

@@ -252,27 +252,28 @@ class _LineSplitter:
         self._dropping = False  # inside an over-long line whose head was already emitted
 
     def feed(self, chunk: bytes) -> None:
+        # One split per read, not a search and a cut of the buffer per line: an engine's
+        # read holds several lines (llama.cpp prints about ten per request).
         buffer = self._buffer
-        buffer += chunk
+        if buffer:
+            buffer += chunk
+            chunk = bytes(buffer)
+            buffer.clear()
+        *lines, rest = chunk.split(b"\n")
         sink, name = self._sink, self._name
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                if len(buffer) > MAX_LINE_BYTES:
-                    if not self._dropping:
-                        sink(name, _decode(buffer[:MAX_LINE_BYTES]) + _TRUNCATED)
-                    self._dropping = True
-                    buffer.clear()
-                return
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            if self._dropping:
+        for line in lines:
+            if self._dropping:  # the rest of an over-long line whose head went out
                 self._dropping = False
-                continue
-            if len(line) > MAX_LINE_BYTES:
+            elif len(line) > MAX_LINE_BYTES:
                 sink(name, _decode(line[:MAX_LINE_BYTES]) + _TRUNCATED)
             else:
                 sink(name, _decode(line))
+        if len(rest) > MAX_LINE_BYTES:
+            if not self._dropping:
+                sink(name, _decode(rest[:MAX_LINE_BYTES]) + _TRUNCATED)
+            self._dropping = True
+        elif not self._dropping:
+            buffer += rest
 
     def finish(self) -> None:
         if self._buffer and not self._dropping:
@@ -280,8 +281,8 @@ class _LineSplitter:
         self._buffer.clear()
 
 
-def _decode(data: bytes | bytearray) -> str:
-    return bytes(data).decode("utf-8", errors="replace").rstrip("\r")
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").rstrip("\r")
 
 
 async def run_command(
