@@ -10,8 +10,8 @@ extra) is started by an ``llm-manager serve`` (model ``m``); nginx and the Go pr
 the same engine. For each answer length (``max_tokens``) and each target, wrk (one thread,
 ``--clients`` connections) sends streamed chat requests for ``--seconds``; the gateway's CPU
 is read from /proc as user and system time apart (utime, stime; nginx: all its processes).
-The events per answer are counted on one answer per length. A least-squares line through
-(events per answer, CPU per answer) gives each target's cost per stream (the intercept: the
+The events per answer are the mean over eight answers per length. A least-squares line
+through (events per answer, CPU per answer) gives each target's cost per stream (the intercept: the
 request, the engine connection, the record, the engine's log lines) and per event (the
 slope). Needs nginx and wrk; go for the Go target.
 """
@@ -65,13 +65,18 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-async def events_per_answer(url: str, tokens: int) -> int:
+async def events_per_answer(url: str, tokens: int, answers: int = 8) -> float:
+    """The mean events per answer over ``answers`` answers (llama.cpp sends a token that
+    ends inside a UTF-8 character with the next one, so the count varies a little)."""
     req = loadgen.chat_request(url, "m", {}, stream=True, max_tokens=tokens, ignore_eos=True)
+    counts = []
     async with aiohttp.ClientSession() as http:
-        status, _, _, events = await loadgen._one(http, req)
-    if status != 200:
-        raise RuntimeError(f"a streamed request through {url} answered {status}")
-    return events - 1  # the closing "data: [DONE]" carries no token
+        for _ in range(answers):
+            status, _, _, events = await loadgen._one(http, req)
+            if status != 200:
+                raise RuntimeError(f"a streamed request through {url} answered {status}")
+            counts.append(events - 1)  # the closing "data: [DONE]" carries no token
+    return statistics.fmean(counts)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,8 +143,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(result: dict[str, Any]) -> list[str]:
-    events: dict[int, int] = result["events"]
-    lines = ["events per answer: " + ", ".join(f"{n} tokens: {e}" for n, e in events.items())]
+    events: dict[int, float] = result["events"]
+    lines = ["events per answer: " + ", ".join(f"{n} tokens: {e:.1f}" for n, e in events.items())]
     lines.append(
         "| target | part | per stream, ms | per event, µs | per event ÷ nginx's | ÷ Go's |"
     )
@@ -149,7 +154,7 @@ def summary(result: dict[str, Any]) -> list[str]:
     for name, per_tokens in result["runs"].items():
         for part, pick in (("user", 0), ("system", 1), ("all", 2)):
             points = [
-                (float(events[n]), v[0] + v[1] if pick == 2 else v[pick])
+                (events[n], v[0] + v[1] if pick == 2 else v[pick])
                 for n, values in per_tokens.items()
                 for v in values
             ]
