@@ -3,17 +3,19 @@ and a cost per token event, each split into user and kernel time: how the CPU pe
 event of issue 19 is taken apart (docs/performance.md, "Where a token event's CPU goes").
 
     .venv/bin/python benchmarks/stream_cost.py [--tokens 4,64,256] [--rounds 3]
-        [--seconds 5] [--clients 1] [--src src] [--go none]
+        [--seconds 5] [--clients 1] [--src src] [--go none] [--no-pipe]
 
 One llama.cpp engine (the tiny random GGUF of tests/models/gguf_factory.py; needs the llama
-extra) is started by an ``llm-manager serve`` (model ``m``); nginx and the Go proxy relay to
-the same engine. For each answer length (``max_tokens``) and each target, wrk (one thread,
-``--clients`` connections) sends streamed chat requests for ``--seconds``; the gateway's CPU
-is read from /proc as user and system time apart (utime, stime; nginx: all its processes).
-The events per answer are the mean over eight answers per length. A least-squares line
-through (events per answer, CPU per answer) gives each target's cost per stream (the intercept: the
-request, the engine connection, the record, the engine's log lines) and per event (the
-slope). Needs nginx and wrk; go for the Go target.
+extra) is started by an ``llm-manager serve`` (model ``m``); nginx, the Go proxy and
+``uvloop-pipe`` (benchmarks/pipe_relay.py: Python on uvloop copying bytes, no HTTP, the
+floor of any Python relay) relay to the same engine. For each answer length
+(``max_tokens``) and each target, wrk (one thread, ``--clients`` connections) sends
+streamed chat requests for ``--seconds``; the gateway's CPU is read from /proc as user and
+system time apart (utime, stime; nginx: all its processes). The events per answer are the
+mean over eight answers per length. A least-squares line through (events per answer, CPU
+per answer) gives each target's cost per stream (the intercept: the request, the engine
+connection, the record, the engine's log lines) and per event (the slope). Needs nginx and
+wrk; go for the Go target.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"http://127.0.0.1:{listen}/health", proxy, processes.log_path("nginx"), 30
         )
         targets["nginx"] = (proxy.pid, f"http://127.0.0.1:{listen}")
+        if args.pipe:
+            listen = procs.free_port()
+            pipe = processes.start(
+                "uvloop-pipe", [sys.executable, str(HERE / "pipe_relay.py"), f"{listen}={engine}"]
+            )
+            await procs.wait_http(
+                f"http://127.0.0.1:{listen}/health", pipe, processes.log_path("uvloop-pipe"), 30
+            )
+            targets["uvloop-pipe"] = (pipe.pid, f"http://127.0.0.1:{listen}")
         go = procs.find_go(args.go)
         if go is not None:
             exe = await asyncio.to_thread(procs.build_goproxy, go)
@@ -180,6 +191,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--src", type=Path, default=HERE.parent / "src", help="the manager's src/")
     p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
+    p.add_argument(
+        "--no-pipe",
+        dest="pipe",
+        action="store_false",
+        help="without the uvloop-pipe target (benchmarks/pipe_relay.py: bytes copied, no HTTP)",
+    )
     p.add_argument("--json", type=Path, help="write the readings here")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))

@@ -138,3 +138,21 @@ def test_from_object_rejects_non_integers() -> None:
         None, 2
     )
     assert from_object([1, 2]).empty
+
+
+def test_stream_fed_event_by_event_as_tokens_arrive() -> None:
+    # One chunk per event, each ending its lines: the scanner's quick path for token events.
+    scanner = SSEUsageScanner()
+    for event in OPENAI_STREAM.split(b"\n\n")[:-1]:
+        scanner.feed(event + b"\n\n")
+    assert scanner.finish() == Usage(12, 2, 3, 9, 2)
+
+
+def test_overlong_line_ended_by_a_whole_line_chunk() -> None:
+    # The rest of an over-long line arrives as a chunk of whole lines without a marker:
+    # the scanner must leave the over-long line there, not take the next event for its rest.
+    scanner = SSEUsageScanner()
+    scanner.feed(b"data: " + b"x" * (MAX_SSE_LINE + 10))
+    scanner.feed(b"the rest of the long line\n")
+    scanner.feed(b'data: {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n')
+    assert scanner.finish() == Usage(7, 3)

@@ -88,6 +88,7 @@ class Phase(enum.Enum):
     CUT = "cut"  # the client left or stalled, or the answer broke off (final)
 
 
+_ANSWERING = Phase.ANSWERING
 _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.RECEIVING: frozenset({Phase.CONNECTING, Phase.WAITING, Phase.HANDED_OVER, Phase.CUT}),
     # CONNECTING again: the new connection was closed before the request was written.
@@ -391,8 +392,20 @@ class Exchange:
                     self._failed_before_answer(conn.error)
                 return
             self._answer_head(conn)
+            conn.listener = self._on_answer
             phase = self.phase
         if phase is Phase.ANSWERING and not self._paused:
+            self._drain(conn)
+
+    def _on_answer(self) -> None:
+        """The connection's listener once the answer's head is out: a read of the body, or
+        its end. One frame less per token event than _on_upstream (measured: a smaller
+        per-event path costs several times its in-process figure when each event finds
+        the caches cold, docs/performance.md)."""
+        conn = self._conn
+        if self.phase is not _ANSWERING or conn is None:
+            raise PhaseError(f"direct exchange: a read of the answer while {self.phase.name}")
+        if not self._paused:
             self._drain(conn)
 
     def _failed_before_answer(self, exc: UpstreamError) -> None:
@@ -484,8 +497,8 @@ class Exchange:
         """Relay what has arrived: one write (one system call) per read of the model server."""
         parts = [self._pending] if self._pending else []
         self._pending = b""
-        if conn.has_data:
-            chunk = conn.take()
+        chunk = conn.take()
+        if chunk:
             record = self._record
             assert record is not None
             if record.ttfb_ms is None:
@@ -503,7 +516,7 @@ class Exchange:
                 parts.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-        ended = conn.eof and not conn.has_data
+        ended = conn.eof  # and nothing left: all that had arrived was taken above
         if ended and self._chunked:
             parts.append(_LAST_CHUNK)
         if len(parts) == 1:

@@ -506,7 +506,12 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _PAUSE_AT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.listener is not None:
+            # _wake's answer for a listener, without the call: a parser callback runs only
+            # inside feed_data, which tells the listener once the read is parsed whole.
+            self._woken = True
+        else:
+            self._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -543,7 +548,10 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def take(self) -> bytes:
+        """What has arrived and was not taken yet (b"" when nothing), joined."""
         chunks = self._chunks
+        if not chunks:
+            return b""
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0

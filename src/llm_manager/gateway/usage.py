@@ -222,6 +222,14 @@ class SSEUsageScanner:
     def feed(self, chunk: bytes) -> None:
         # Per chunk, not per line: the complete lines of a chunk are searched for the two
         # markers at C speed, and split into lines only when one is there.
+        if (
+            not self._partial
+            and not self._skipping
+            and chunk.endswith(b"\n")
+            and b'"usage"' not in chunk
+            and b'"timings"' not in chunk
+        ):
+            return  # whole lines, none with a marker: a token event's usual chunk
         last = chunk.rfind(b"\n")
         if last < 0:
             if not self._skipping:
