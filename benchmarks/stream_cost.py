@@ -3,7 +3,7 @@ and a cost per token event, each split into user and kernel time: how the CPU pe
 event of issue 19 is taken apart (docs/performance.md, "Where a token event's CPU goes").
 
     .venv/bin/python benchmarks/stream_cost.py [--tokens 4,64,256] [--rounds 3]
-        [--seconds 5] [--clients 1] [--src src] [--go none] [--no-pipe]
+        [--seconds 5] [--clients 1] [--src src] [--go none] [--no-pipe] [--base OTHER/src]
 
 One llama.cpp engine (the tiny random GGUF of tests/models/gguf_factory.py; needs the llama
 extra) is started by an ``llm-manager serve`` (model ``m``); nginx, the Go proxy and
@@ -15,7 +15,8 @@ system time apart (utime, stime; nginx: all its processes). The events per answe
 mean over eight answers per length. A least-squares line through (events per answer, CPU
 per answer) gives each target's cost per stream (the intercept: the request, the engine
 connection, the record, the engine's log lines) and per event (the slope). Needs nginx and
-wrk; go for the Go target.
+wrk; go for the Go target. ``--base`` runs a second manager from another checkout, with
+its own engine, as the target ``base``: two versions' costs per event side by side.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             processes, "llm-manager", args.src, workdir, model_command("json", workdir, nginx, gguf)
         )
         targets: dict[str, tuple[int, str]] = {"llm-manager": (pid, url)}
+        if args.base is not None:  # a second checkout side by side, with its own engine
+            command = model_command("json", workdir, nginx, gguf)
+            base_pid, base_url, _ = await start_side(processes, "base", args.base, workdir, command)
+            targets["base"] = (base_pid, base_url)
         listen = procs.free_port()
         proxy = procs.start_nginx_proxy(processes, nginx, workdir, {listen: engine})
         await procs.wait_http(
@@ -190,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--src", type=Path, default=HERE.parent / "src", help="the manager's src/")
+    p.add_argument(
+        "--base", type=Path, help="another checkout's src/, run side by side as target 'base'"
+    )
     p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
     p.add_argument(
         "--no-pipe",

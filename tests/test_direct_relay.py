@@ -400,3 +400,128 @@ async def test_a_bug_in_the_direct_checks_hands_the_request_over(
         assert paths.seen == ["handed over"]
         runtime = mgr.supervisor.resolve("m")
         assert runtime.pending == 0 and runtime.admitted == 0
+
+
+async def test_a_token_stream_is_written_on_by_the_engines_connection(
+    tmp_path: Path, spawn_log: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a stream's head is out, each token event read from the engine goes to the
+    client from the engine connection's own data_received (upstream.Splice): the
+    exchange drains only the head with the first bytes and the end, not once per token.
+    Every token arrives in order and the usage in the last event is recorded."""
+    drains: list[int] = []
+    drain = Exchange._drain
+
+    def counted(self: Exchange, conn: Any) -> None:
+        drains.append(1)
+        drain(self, conn)
+
+    monkeypatch.setattr(Exchange, "_drain", counted)
+    models = {"m": fake_model(spawn_log, "--chunks", "40", "--chunk-delay", "0.003")}
+    async with running_manager(make_config(tmp_path, models)) as mgr, client(mgr) as ai:
+        status, _ = await mgr.post("/api/models/m/start")
+        assert status == 200
+        stream = await ai.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts = [c.choices[0].delta.content async for c in stream if c.choices]
+        assert parts == [f"tok{i} " for i in range(40)]
+        assert paths.seen == ["direct"]
+        assert len(drains) <= 4  # the head (with or before the first bytes), the end
+        (row,) = await records(mgr, limit="5")
+        assert row["status"] == 200 and row["stream"] is True
+        assert row["completion_tokens"] == 40 and row["prompt_tokens"] == 7
+        assert row["ttfb_ms"] is not None and row["duration_ms"] > row["ttfb_ms"]
+
+
+async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
+    """Unit test of the splice with a real upstream connection: reads are written on by
+    the connection while the client reads; when the client's transport is full nothing
+    more is written and the reads wait in the connection; once it drains, everything
+    that waited goes out in order, and the stream goes on spliced to its end."""
+    from types import SimpleNamespace
+
+    from llm_manager.gateway.upstream import _Connection
+    from llm_manager.store.usage import RequestRecord
+
+    class Upstream:  # the engine connection's transport
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    loop = asyncio.get_running_loop()
+    server = _Server(loop, paused=False)
+    given_back: list[Any] = []
+    recorded: list[RequestRecord] = []
+    relay = SimpleNamespace(
+        settings=SimpleNamespace(read_timeout=30.0),
+        upstream=SimpleNamespace(give_back=given_back.append),
+        record=recorded.append,
+    )
+    exchange = Exchange(relay, server, {"path": "/v1/chat/completions"}, 2)  # type: ignore[arg-type]
+    conn = _Connection(("127.0.0.1", 1), lambda c: None, loop)
+    conn.connection_made(Upstream())  # type: ignore[arg-type]
+    runtime = SimpleNamespace(
+        gate=SimpleNamespace(release=lambda: None), dismiss=lambda: None, release=lambda: None
+    )
+    exchange._runtime = runtime  # type: ignore[assignment]
+    exchange._record = RequestRecord("m", "/v1/chat/completions", "POST", stream=True)
+    exchange.phase = Phase.CONNECTING
+    exchange._write(conn)  # WAITING, the connection SENT, its listener set
+
+    def data(i: int) -> bytes:
+        return b'data: {"choices": [{"delta": {"content": "t%d"}}]}\n\n' % i
+
+    def event(i: int) -> bytes:  # one chunk, as the engine sends a token
+        return b"%x\r\n%b\r\n" % (len(data(i)), data(i))
+
+    conn.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + event(0)
+    )
+    assert exchange.phase is Phase.ANSWERING and conn.splice is not None
+    assert server.transport.written[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    for i in range(1, 4):
+        conn.data_received(event(i))
+    assert len(server.transport.written) == 4  # one write per read, spliced
+    exchange.client_paused()  # the client's transport is full
+    assert conn.splice is None
+    for i in range(4, 8):
+        conn.data_received(event(i))
+    assert len(server.transport.written) == 4  # nothing more while the client is full
+    exchange.client_resumed()
+    assert len(server.transport.written) == 5 and conn.splice is not None
+    conn.data_received(event(8))
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n'
+    conn.data_received(b"%x\r\n%b\r\n" % (len(usage), usage) + b"0\r\n\r\n")
+    assert exchange.phase is Phase.DONE and given_back == [conn] and conn.splice is None
+    body = b"".join(server.transport.written)
+    body = body[body.index(b"\r\n\r\n") + 4 :]
+    payload = b""
+    while True:  # the chunks as the client reads them (what waited went out as one)
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        assert body[length : length + 2] == b"\r\n"
+        payload, body = payload + body[:length], body[length + 2 :]
+        if length == 0:
+            break
+    assert body == b""
+    assert payload == b"".join(data(i) for i in range(9)) + usage
+    assert recorded[0].status == 200 and recorded[0].completion_tokens == 9

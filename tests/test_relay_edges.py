@@ -75,3 +75,25 @@ async def test_paths_an_engine_could_read_otherwise_are_refused(
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert b"dot segments" in answer
         assert mgr.supervisor.resolve("e").start_count == 0
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "ambiguous"),
+    [
+        (b"/v1/chat/completions", False),
+        (b"/v1/%41/x", False),  # an escape, but not of a separator or a dot segment
+        (b"/v1/\xff", False),  # bytes outside ASCII are not separators
+        (b"/v1/.well-known", False),
+        (b"/v1//chat/completions", True),
+        (b"/v1/./chat/completions", True),
+        (b"/v1/../v1/chat/completions", True),
+        (b"/v1/%2e%2E/x", True),
+        (b"/v1/chat%2Fcompletions", True),
+        (b"/v1/chat%5ccompletions", True),
+        (b"/v1\\chat", True),
+    ],
+)
+def test_which_raw_paths_are_ambiguous(raw_path: bytes, ambiguous: bool) -> None:
+    from llm_manager.gateway.endpoints import ambiguous_path
+
+    assert ambiguous_path(raw_path) is ambiguous

@@ -58,6 +58,7 @@ from llm_manager.gateway.upstream import (
     ConnectTimeout,
     Dropped,
     ReadTimeout,
+    Splice,
     UpstreamError,
     request_head,
 )
@@ -396,6 +397,7 @@ class Exchange:
             phase = self.phase
         if phase is Phase.ANSWERING and not self._paused:
             self._drain(conn)
+            self._splice(conn)
 
     def _on_answer(self) -> None:
         """The connection's listener once the answer's head is out: a read of the body, or
@@ -407,13 +409,30 @@ class Exchange:
             raise PhaseError(f"direct exchange: a read of the answer while {self.phase.name}")
         if not self._paused:
             self._drain(conn)
+            self._splice(conn)
+
+    def _splice(self, conn: _Connection) -> None:
+        """An event stream's body, once its head and first bytes are out, is written on by
+        the connection itself while the client reads (upstream.Splice): the reads of a
+        token stream then make no call into the exchange."""
+        if (
+            conn.splice is None
+            and self._scanner is not None
+            and not self._paused
+            and not self._bodiless
+            and self._conn is conn
+            and self.phase is _ANSWERING
+            and self._record is not None
+            and self._record.ttfb_ms is not None  # measured by _drain at the first bytes
+        ):
+            conn.splice = Splice(self._server.transport, self._chunked, self._scanner.feed)
 
     def _failed_before_answer(self, exc: UpstreamError) -> None:
         """No byte of the answer came: the retry rule (upstream.py), else an error answer
         given by the ASGI path's error responder."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.listener = None
+            conn.listener = conn.splice = None
             conn.abandon()
         relay = self._relay
         settings = relay.settings
@@ -470,7 +489,7 @@ class Exchange:
         status = record.status = conn.status
         content_type = conn.content_type
         sse = self._sse = content_type.startswith(b"text/event-stream")
-        self._scan_json = b"json" in content_type
+        self._scan_json = content_type.find(b"json") >= 0  # find: see usage.SSEUsageScanner
         self._failing = status >= 400
         record.stream = sse or record.stream
         if sse:
@@ -536,7 +555,7 @@ class Exchange:
 
     def _finish(self, conn: _Connection) -> None:
         self._conn = None
-        conn.listener = None
+        conn.listener = conn.splice = None
         self._relay.upstream.give_back(conn)
         self._complete()
 
@@ -557,7 +576,7 @@ class Exchange:
         record.error = _cut_message(runtime, self._stops, exc)
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.listener = None
+            conn.listener = conn.splice = None
             conn.abandon()
         transport = self._server.transport
         if self._sse and self._chunked and not self._paused:
@@ -585,6 +604,8 @@ class Exchange:
     def client_paused(self) -> None:
         """The client's transport is full: read the model server no faster than it drains."""
         self._paused = True
+        if self._conn is not None:
+            self._conn.splice = None  # what arrives waits in the connection, which pauses
         if self.phase is Phase.ANSWERING and self._stall is None:
             self._stall = self._server.loop.call_later(
                 self._relay.settings.read_timeout, self._stalled
@@ -598,6 +619,7 @@ class Exchange:
         conn = self._conn
         if self.phase is Phase.ANSWERING and conn is not None:
             self._drain(conn)
+            self._splice(conn)
 
     def _stalled(self) -> None:
         self._stall = None
@@ -616,7 +638,7 @@ class Exchange:
             task.cancel()
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.listener = None
+            conn.listener = conn.splice = None
             conn.abandon()
         self._to(Phase.CUT)
         self._end()

@@ -178,6 +178,33 @@ _NEXT: dict[ConnState, frozenset[ConnState]] = {
 }
 
 
+class Splice:
+    """Where an answer's body goes as it is read, written on by the connection itself.
+
+    A token stream's reads each carry one event, and each Python frame on that path costs
+    several times its in-process figure when the event finds the caches cold (measured,
+    docs/performance.md): so the connection frames and writes such a read to the client's
+    transport in its own ``data_received``, with the scanner the only call, instead of
+    telling a listener that takes, frames and writes it. Only a read that leaves the
+    answer open and whole is spliced: the read that ends the answer, one that fails it and
+    one that brings a large chunk (``_SPLICE_MAX``) still go to the listener, which owns
+    the answer's end. The relay sets a splice once the answer's head is out and takes it
+    away while the client is not reading; each exchange begins without one.
+    """
+
+    __slots__ = ("chunked", "scan", "transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, chunked: bool, scan: Callable[[bytes], None]
+    ) -> None:
+        self.transport = transport
+        self.chunked = chunked  # each read is sent as one chunk of the client's answer
+        self.scan = scan  # sees every byte of the body, in order
+
+
+_SPLICE_MAX = 64 * 1024  # a read this large goes to the listener (written apart, not copied)
+
+
 class StateError(RuntimeError):
     """An illegal transition of a connection: a bug in the relay, never the engine's doing."""
 
@@ -219,6 +246,7 @@ class _Connection(asyncio.Protocol):
         # A callback-driven reader (gateway/direct.py) instead of a waiting task: called
         # when something new arrives, after the read that brought it has been parsed whole.
         self.listener: Callable[[], None] | None = None
+        self.splice: Splice | None = None  # the body written on here: see Splice
         self._feeding = False  # inside feed_data: a wake-up is told after it returns
         self._woken = False
         self._begin(False)
@@ -244,6 +272,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
+        self.splice = None
 
     @property
     def closed(self) -> bool:
@@ -415,6 +444,25 @@ class _Connection(asyncio.Protocol):
             # Told once per read, after the parser is done with it: the listener may give
             # the connection back to the pool, which must not happen inside a callback.
             self._woken = False
+            splice = self.splice
+            if (
+                splice is not None
+                and self._chunks
+                and not self.eof
+                and self.error is None
+                and self._buffered < _SPLICE_MAX
+            ):
+                # take(), framed and written here: see Splice (no frame more per event).
+                chunks = self._chunks
+                body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                splice.scan(body)
+                if splice.chunked:
+                    splice.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+                else:
+                    splice.transport.write(body)
+                return
             listener = self.listener
             if listener is not None:
                 listener()

@@ -222,12 +222,14 @@ class SSEUsageScanner:
     def feed(self, chunk: bytes) -> None:
         # Per chunk, not per line: the complete lines of a chunk are searched for the two
         # markers at C speed, and split into lines only when one is there.
+        # find(), not `in`: CPython 3.11 first tries a bytes `in` operand as an integer and
+        # formats a TypeError it then drops, 0.45 us a test; find() takes 0.2 us.
         if (
             not self._partial
             and not self._skipping
-            and chunk.endswith(b"\n")
-            and b'"usage"' not in chunk
-            and b'"timings"' not in chunk
+            and chunk[-1:] == b"\n"
+            and chunk.find(b'"usage"') < 0
+            and chunk.find(b'"timings"') < 0
         ):
             return  # whole lines, none with a marker: a token event's usual chunk
         last = chunk.rfind(b"\n")
@@ -253,7 +255,7 @@ class SSEUsageScanner:
             self._skipping = True
         else:
             self._partial += tail
-        if b'"usage"' in complete or b'"timings"' in complete:
+        if complete.find(b'"usage"') >= 0 or complete.find(b'"timings"') >= 0:
             self._scan(complete)
 
     def _scan(self, complete: bytes) -> None:
@@ -280,7 +282,7 @@ class SSEUsageScanner:
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):
             return
-        if b'"usage"' not in line and b'"timings"' not in line:
+        if line.find(b'"usage"') < 0 and line.find(b'"timings"') < 0:
             return
         # As a whole answer is read (msgspec, only the keys that can hold usage): 2 us for
         # llama.cpp's last event, where the standard library's whole parse took 7 us.
