@@ -88,6 +88,8 @@ class Phase(enum.Enum):
     HANDED_OVER = "handed over"  # the ASGI path answers it (final here)
     CUT = "cut"  # the client left or stalled, or the answer broke off (final)
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code
+
 
 _ANSWERING = Phase.ANSWERING
 _NEXT: dict[Phase, frozenset[Phase]] = {
