@@ -250,22 +250,22 @@ def test_ab_compares_two_checkouts_side_by_side() -> None:
 )
 def test_stream_cost_splits_a_stream_into_its_parts(tmp_path: Path) -> None:
     """benchmarks/stream_cost.py, one short round of two answer lengths: every answer is
-    200 through the manager and nginx, longer answers carry more events and cost more, and
-    the summary gives each target's cost per stream and per event."""
+    200 through the manager, nginx and the uvloop pipe, longer answers carry more events and
+    cost more, and the summary gives each target's cost per stream and per event."""
     out = tmp_path / "cost.json"
     argv = [sys.executable, str(ROOT / "benchmarks" / "stream_cost.py"), "--tokens", "4,32"]
     argv += ["--rounds", "1", "--seconds", "1", "--go", "none", "--json", str(out)]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rounds = [line for line in proc.stdout.splitlines() if line.startswith("round 1")]
-    assert len(rounds) == 4 and all(line.endswith(" 0 not 200") for line in rounds)
+    assert len(rounds) == 6 and all(" answers, 0 not 200, " in line for line in rounds)
     result = json.loads(out.read_text())
     events = {int(n): count for n, count in result["events"].items()}
     assert 0 < events[4] < events[32]
-    assert set(result["runs"]) == {"llm-manager", "nginx"}
+    assert set(result["runs"]) == {"llm-manager", "nginx", "uvloop-pipe"}
     for per_tokens in result["runs"].values():
         (short,), (long,) = per_tokens["4"], per_tokens["32"]
         assert all(value >= 0 for value in (*short, *long))
         assert sum(long) > sum(short) > 0  # a longer answer costs the gateway more
-    for name in ("llm-manager", "nginx"):
+    for name in ("llm-manager", "nginx", "uvloop-pipe"):
         assert any(line.startswith(f"| {name} | all | ") for line in proc.stdout.splitlines())
