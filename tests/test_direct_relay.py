@@ -325,6 +325,23 @@ class _Server:
         self.ended.append(exchange)
 
 
+def _unit_exchange(paused: bool) -> tuple[Exchange, _Server, list[Any], list[Any]]:
+    """An exchange on a fake server protocol and relay, for the unit tests below: (the
+    exchange, its server, the connections given back, the records written)."""
+    from types import SimpleNamespace
+
+    server = _Server(asyncio.get_running_loop(), paused=paused)
+    given_back: list[Any] = []
+    recorded: list[Any] = []
+    relay = SimpleNamespace(
+        settings=SimpleNamespace(read_timeout=30.0),
+        upstream=SimpleNamespace(give_back=given_back.append),
+        record=recorded.append,
+    )
+    exchange = Exchange(relay, server, {"path": "/v1/chat/completions"}, 2)  # type: ignore[arg-type]
+    return exchange, server, given_back, recorded
+
+
 async def test_an_answer_waits_while_an_earlier_one_fills_the_client_transport() -> None:
     """Unit test: a keep-alive client that has not read the previous answer yet (its
     transport is over the high-water mark when the next exchange begins) gets nothing
@@ -333,16 +350,7 @@ async def test_an_answer_waits_while_an_earlier_one_fills_the_client_transport()
 
     from llm_manager.store.usage import RequestRecord
 
-    loop = asyncio.get_running_loop()
-    server = _Server(loop, paused=True)
-    given_back: list[Any] = []
-    recorded: list[RequestRecord] = []
-    relay = SimpleNamespace(
-        settings=SimpleNamespace(read_timeout=30.0),
-        upstream=SimpleNamespace(give_back=given_back.append),
-        record=recorded.append,
-    )
-    exchange = Exchange(relay, server, {"path": "/v1/chat/completions"}, 2)  # type: ignore[arg-type]
+    exchange, server, given_back, recorded = _unit_exchange(paused=True)
     assert exchange._paused
     answer = [b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}']
 
@@ -466,17 +474,8 @@ async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
         def close(self) -> None:
             pass
 
-    loop = asyncio.get_running_loop()
-    server = _Server(loop, paused=False)
-    given_back: list[Any] = []
-    recorded: list[RequestRecord] = []
-    relay = SimpleNamespace(
-        settings=SimpleNamespace(read_timeout=30.0),
-        upstream=SimpleNamespace(give_back=given_back.append),
-        record=recorded.append,
-    )
-    exchange = Exchange(relay, server, {"path": "/v1/chat/completions"}, 2)  # type: ignore[arg-type]
-    conn = _Connection(("127.0.0.1", 1), lambda c: None, loop)
+    exchange, server, given_back, recorded = _unit_exchange(paused=False)
+    conn = _Connection(("127.0.0.1", 1), lambda c: None, asyncio.get_running_loop())
     conn.connection_made(Upstream())  # type: ignore[arg-type]
     runtime = SimpleNamespace(
         gate=SimpleNamespace(release=lambda: None), dismiss=lambda: None, release=lambda: None
