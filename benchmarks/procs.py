@@ -281,6 +281,12 @@ def start_minimal_relay(procs: Processes, routes: Mapping[int, int]) -> subproce
     return procs.start("minimal-relay", [sys.executable, str(HERE / "minimal_relay.py"), *pairs])
 
 
+def start_pipe_relay(procs: Processes, routes: Mapping[int, int]) -> subprocess.Popen[bytes]:
+    """benchmarks/pipe_relay.py: bytes copied, no HTTP; ``routes``: listen -> backend port."""
+    pairs = [f"{k}={v}" for k, v in routes.items()]
+    return procs.start("uvloop-pipe", [sys.executable, str(HERE / "pipe_relay.py"), *pairs])
+
+
 GOPROXY_SRC = HERE / "goproxy"
 GOPROXY_BIN = GOPROXY_SRC / ".bin" / "goproxy"  # git-ignored
 

@@ -94,12 +94,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gguf = write_chat_model(workdir / "tiny-chat.gguf", context_length=4096)
     tokens = [int(n) for n in args.tokens.split(",")]
     try:
-        pid, url, engine = await start_side(
-            processes, "llm-manager", args.src, workdir, model_command("json", workdir, nginx, gguf)
-        )
+        command = model_command("json", workdir, nginx, gguf)
+        pid, url, engine = await start_side(processes, "llm-manager", args.src, workdir, command)
         targets: dict[str, tuple[int, str]] = {"llm-manager": (pid, url)}
         if args.base is not None:  # a second checkout side by side, with its own engine
-            command = model_command("json", workdir, nginx, gguf)
             base_pid, base_url, _ = await start_side(processes, "base", args.base, workdir, command)
             targets["base"] = (base_pid, base_url)
         listen = procs.free_port()
@@ -110,9 +108,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         targets["nginx"] = (proxy.pid, f"http://127.0.0.1:{listen}")
         if args.pipe:
             listen = procs.free_port()
-            pipe = processes.start(
-                "uvloop-pipe", [sys.executable, str(HERE / "pipe_relay.py"), f"{listen}={engine}"]
-            )
+            pipe = procs.start_pipe_relay(processes, {listen: engine})
             await procs.wait_http(
                 f"http://127.0.0.1:{listen}/health", pipe, processes.log_path("uvloop-pipe"), 30
             )

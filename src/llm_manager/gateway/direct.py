@@ -399,7 +399,6 @@ class Exchange:
             phase = self.phase
         if phase is Phase.ANSWERING and not self._paused:
             self._drain(conn)
-            self._splice(conn)
 
     def _on_answer(self) -> None:
         """The connection's listener once the answer's head is out: a read of the body, or
@@ -411,23 +410,6 @@ class Exchange:
             raise PhaseError(f"direct exchange: a read of the answer while {self.phase.name}")
         if not self._paused:
             self._drain(conn)
-            self._splice(conn)
-
-    def _splice(self, conn: _Connection) -> None:
-        """An event stream's body, once its head and first bytes are out, is written on by
-        the connection itself while the client reads (upstream.Splice): the reads of a
-        token stream then make no call into the exchange."""
-        if (
-            conn.splice is None
-            and self._scanner is not None
-            and not self._paused
-            and not self._bodiless
-            and self._conn is conn
-            and self.phase is _ANSWERING
-            and self._record is not None
-            and self._record.ttfb_ms is not None  # measured by _drain at the first bytes
-        ):
-            conn.splice = Splice(self._server.transport, self._chunked, self._scanner.feed)
 
     def _failed_before_answer(self, exc: UpstreamError) -> None:
         """No byte of the answer came: the retry rule (upstream.py), else an error answer
@@ -554,6 +536,16 @@ class Exchange:
             self._finish(conn)
         elif conn.error is not None:
             self._cut(conn.error)
+        elif (
+            chunk  # so the first bytes are out and timed (ttfb)
+            and self._scanner is not None
+            and conn.splice is None
+            and not self._paused  # the write above may have filled the client's transport
+            and not self._bodiless
+        ):
+            # An event stream: the connection writes the rest on itself while the client
+            # reads (upstream.Splice), so a token's read makes no call into the exchange.
+            conn.splice = Splice(self._server.transport, self._chunked, self._scanner.feed)
 
     def _finish(self, conn: _Connection) -> None:
         self._conn = None
@@ -621,7 +613,6 @@ class Exchange:
         conn = self._conn
         if self.phase is Phase.ANSWERING and conn is not None:
             self._drain(conn)
-            self._splice(conn)
 
     def _stalled(self) -> None:
         self._stall = None

@@ -246,7 +246,6 @@ class _Connection(asyncio.Protocol):
         # A callback-driven reader (gateway/direct.py) instead of a waiting task: called
         # when something new arrives, after the read that brought it has been parsed whole.
         self.listener: Callable[[], None] | None = None
-        self.splice: Splice | None = None  # the body written on here: see Splice
         self._feeding = False  # inside feed_data: a wake-up is told after it returns
         self._woken = False
         self._begin(False)
@@ -272,7 +271,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
-        self.splice = None
+        self.splice: Splice | None = None  # the body written on here: see Splice
 
     @property
     def closed(self) -> bool:
