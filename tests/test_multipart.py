@@ -240,7 +240,7 @@ def upload(ai: openai.OpenAI, pid: int, name: str) -> int:
 async def test_large_bodies_read_into_one_buffer_are_forwarded_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bodies of 1 MiB and more arrive in many messages and are read into one buffer:
+    """Bodies of 8 MiB and more arrive in many messages and are read into one buffer:
     a large JSON body (renamed from its alias) and a large form reach the engine intact."""
     read_large = forward._read_large
     sizes: list[int] = []
@@ -252,7 +252,7 @@ async def test_large_bodies_read_into_one_buffer_are_forwarded_intact(
 
     monkeypatch.setattr(forward, "_read_large", spy)
     async with running_manager(make_config(tmp_path, MODELS)) as mgr:
-        text = "x" * (3 * 1024 * 1024)
+        text = "x" * (9 * 1024 * 1024)
         payload = {"model": "whisper", "input": text}
         raw = io.BytesIO(json.dumps(payload).encode())
         json_type = {"Content-Type": "application/json"}
@@ -261,7 +261,7 @@ async def test_large_bodies_read_into_one_buffer_are_forwarded_intact(
             echoed = json.loads((await resp.json())["body"])
         assert echoed == {"model": "whisper-large-v3", "input": text}
 
-        audio = bytes(range(256)) * (12 * 1024)  # 3 MiB
+        audio = bytes(range(256)) * (36 * 1024)  # 9 MiB
         body = form_body(("model", b"whisper", None), ("file", audio, "a.wav"))
         headers = {"Content-Type": "multipart/form-data; boundary=b0und"}
         url = mgr.url + "/v1/audio/transcriptions"
@@ -270,4 +270,4 @@ async def test_large_bodies_read_into_one_buffer_are_forwarded_intact(
             got = (await resp.json())["seen"]
         assert got["fields"]["model"] == "whisper-large-v3"
         assert got["files"]["file"]["sha256"] == hashlib.sha256(audio).hexdigest()
-    assert len(sizes) == 2 and min(sizes) > 3 * 1024 * 1024  # both took the one-buffer path
+    assert len(sizes) == 2 and min(sizes) > 9 * 1024 * 1024  # both took the one-buffer path
