@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from llm_manager.gateway.direct import Exchange, Phase
+from llm_manager.gateway.forward import _LARGE_BODY
 from llm_manager.http_protocol import HttpProtocol
 from tests.conftest import make_config, running_manager, wait_until
 from tests.test_gateway import client, fake_model, records
@@ -532,8 +533,6 @@ async def test_large_bodies_reach_the_engine_intact_on_the_direct_path(
     """A body below forward._LARGE_BODY is joined from its parts at the end; one from that
     size on goes into one buffer as it arrives (no double hold): each reaches the engine
     byte for byte, through the direct path, in many reads."""
-    from llm_manager.gateway.forward import _LARGE_BODY
-
     async with engine_behind(tmp_path) as (mgr, log):
         sizes = (2 * 1024 * 1024, _LARGE_BODY + 12345)
         for ident, size in enumerate(sizes):
