@@ -545,3 +545,37 @@ async def test_large_bodies_reach_the_engine_intact_on_the_direct_path(
             assert status == 200 and json.loads(answer)["answer_to"] == str(ident)
             assert bytes.fromhex(received(log)[-1]["body"]) == body
         assert paths.seen == ["direct", "direct"]
+
+
+async def test_an_ended_exchange_holds_no_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ended exchange stays its connection's cycle until the next request (and, once
+    the connection closes, lives in a reference cycle with the protocol until the garbage
+    collector runs): it lets go of the request body at its end. Held, eight idle
+    keep-alive clients kept 8 MiB after 1 MiB requests, and the benchmark's peak RSS after
+    its bodies rose from 89 to 136 MiB."""
+    ended: list[tuple[HttpProtocol, Exchange]] = []
+    original = HttpProtocol.exchange_ended
+
+    def exchange_ended(self: HttpProtocol, exchange: Exchange) -> None:
+        ended.append((self, exchange))
+        original(self, exchange)
+
+    monkeypatch.setattr(HttpProtocol, "exchange_ended", exchange_ended)
+    async with engine_behind(tmp_path) as (mgr, log):
+        body = b'{"model": "m", "id": "big", "pad": "' + b"x" * (1 << 20) + b'"}'
+        connection = await Client.open(mgr)
+        try:
+            await connection.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            status, _, answer = await connection.answer()
+            assert status == 200 and json.loads(answer)["answer_to"] == "big"
+            assert bytes.fromhex(received(log)[-1]["body"]) == body
+            ((protocol, exchange),) = ended
+            assert protocol.cycle is exchange  # still the kept-alive connection's cycle
+            assert exchange.phase is Phase.DONE and exchange.body == b""
+        finally:
+            connection.close()

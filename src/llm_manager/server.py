@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from llm_manager import quickstart, runurl
+from llm_manager import allocator, quickstart, runurl
 from llm_manager.app import Application
 from llm_manager.config import LoadedConfig
 from llm_manager.http_protocol import HttpProtocol
@@ -137,6 +137,7 @@ async def serve(
     overrides: dict[str, object] | None = None,
     watch: bool = False,
 ) -> int:
+    allocator.tune()  # request bodies' memory used again, not faulted in per request
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     application = await Application.create(loaded, overrides, watch)
