@@ -10,11 +10,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from llm_manager import allocator
 from llm_manager.gateway.forward import _LARGE_BODY
+from tests.test_cli_url import one_model
+from tests.test_server_process import launch, stop_cleanly
 
 glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 needs_glibc = pytest.mark.skipif(not glibc, reason="the thresholds are glibc's")
@@ -82,3 +85,26 @@ def test_the_users_own_settings_are_kept() -> None:
     assert allocator.user_tuned({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})
     assert not allocator.user_tuned({"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "PATH": "/bin"})
     assert not allocator.tune({"MALLOC_TRIM_THRESHOLD_": "0"})  # left alone: not set
+
+
+@needs_glibc
+def test_serve_sets_them_unless_the_environment_does(
+    tmp_path: Path, spawn_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llm-manager serve` tunes its own process at start, and leaves malloc alone when
+    the user's environment sets glibc's variables."""
+    for setting, expected in (
+        (None, f"malloc thresholds: mmap {8 << 20}, trim {16 << 20}: True"),
+        ("131072", "malloc thresholds left as the environment sets them"),
+    ):
+        if setting is None:
+            monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+        else:
+            monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", setting)
+        folder = tmp_path / f"run-{setting}"
+        folder.mkdir()
+        m = launch(one_model(folder, spawn_log), folder, "--log-level", "debug")
+        try:
+            assert expected in m.log.read_text()
+        finally:
+            stop_cleanly(m)
