@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_manager.errors import BadRequest
-from llm_manager.gateway.model_field import model_spans, read_fields, rename_model
+from llm_manager.gateway.model_field import (
+    _only_model_span,
+    model_spans,
+    read_fields,
+    rename_model,
+)
 
 JSON_SCALARS = (
     st.none()
@@ -95,6 +100,41 @@ def test_numbers_and_escapes_reach_the_engine_unchanged() -> None:
 def test_only_top_level_model_keys_are_renamed() -> None:
     body = b'{"messages": [{"model": "inner"}], "meta": {"model": "x"}, "mod\\u0065l": "q"}'
     assert rename_model(body, "new") == body.replace(b'"q"', b'"new"')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"messages": [{"role": "user", "content": "hi"}], "model": "a"}',
+        b'{"model" :\t"a\\\\"}',  # spaced, a value ending in an escaped backslash
+        b'{"x": "a \\"model\\": b", "model": "a"}',  # "model" quoted inside a string
+        b'{"x": "\\\\", "model": "a"}',  # an escaped backslash just before the key
+        b'{"x": "model", "y": ["model"], "model": "a"}',  # "model" as values
+        b'{"say \\"model": 1, "model": "a"}',  # a key ending in \"model: not "model"
+        b'{"a\\\\\\"model": 1, "model": "a"}',  # the same after an escaped backslash
+        b'{"x": "\\u00e9", "model": "a"}',  # other escapes do not matter
+    ],
+)
+def test_the_only_model_key_is_found_without_the_structure_scan(body: bytes) -> None:
+    assert read_fields(body).model in ("a", "a\\")  # the second: an escaped backslash
+    assert _only_model_span(body) == model_spans(body)[0]
+    expected = json.loads(body)
+    expected["model"] = "new"
+    assert json.loads(rename_model(body, "new")) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"meta": {"model": "x"}, "mod\\u0065l": "q"}',  # escaped letters: could be a key
+        b'{"meta": {"model": "x"}, "model": "q"}',  # two keys: which is top-level takes a scan
+        b'{"model": 5, "model": "a"}',  # duplicates
+        b'{"x": "\\u006D", "model": "q"}',  # an escaped letter anywhere (upper-case hex)
+        b'{"x": "ends in \\u006',  # cut short at the escape (not valid; no index error)
+    ],
+)
+def test_the_structure_scan_decides_when_the_key_may_not_be_the_only_one(body: bytes) -> None:
+    assert _only_model_span(body) is None
 
 
 def test_a_model_that_is_not_a_string_is_left_alone() -> None:

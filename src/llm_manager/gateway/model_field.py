@@ -141,9 +141,60 @@ def _next_non_space(body: bytes, at: int) -> int:
     return at
 
 
+# A "model" key can be spelled with escapes only through \u escapes of its letters.
+_ESCAPE_6X = b"\\u006"
+_MODEL_LETTERS = b"45cdfCDF"  # \u0064 d, \u0065 e, \u006c l, \u006d m, \u006f o
+_MODEL_KEY = b'"model"'
+
+
+def _escapes_a_model_letter(body: bytes) -> bool:
+    at = body.find(_ESCAPE_6X)
+    while at >= 0:
+        if body[at + 5 : at + 6] in _MODEL_LETTERS:  # b"" (the end) is in it: True, too
+            return True
+        at = body.find(_ESCAPE_6X, at + 5)
+    return False
+
+
+def _only_model_span(body: bytes) -> tuple[int, int] | None:
+    """The span of the string value of the body's only ``"model":`` key, when the body
+    spells no letter of it with an escape and has exactly one such key with a string
+    value; None otherwise (model_spans then scans the whole structure).
+
+    A quote inside a JSON string is escaped, so an unescaped quote followed by
+    ``model"`` opens the string token ``"model"``, and one followed by a colon is a key.
+    With no escaped spelling possible, that is every "model" key of the body at any depth;
+    the top-level one is known to exist (the caller read it), so a single one is it. Found
+    with ``bytes.find`` alone: 2.4x faster than the structure scan on a 1 MiB chat history
+    and 2.6x on a 1 KiB request (docs/performance.md).
+    """
+    if _escapes_a_model_letter(body):
+        return None
+    found: tuple[int, int] | None = None
+    size = len(body)
+    at = body.find(_MODEL_KEY)
+    while at >= 0:
+        end = at + len(_MODEL_KEY)
+        slashes = 0
+        while at - 1 - slashes >= 0 and body[at - 1 - slashes] == 0x5C:
+            slashes += 1
+        colon = _next_non_space(body, end)
+        if not slashes % 2 and colon < size and body[colon] == 0x3A:  # ':': a key
+            if found is not None:
+                return None  # more than one: which is the top-level one takes the scan
+            value = _next_non_space(body, colon + 1)
+            if value >= size or body[value] != 0x22:
+                return None  # not a string
+            found = (value, _string_end(body, value))
+        at = body.find(_MODEL_KEY, end)
+    return found
+
+
 def rename_model(body: bytes, name: str) -> bytes:
-    """The body with every top-level ``model`` string value replaced by ``name``."""
-    spans = model_spans(body)
+    """The body with every top-level ``model`` string value replaced by ``name``; the body
+    is valid JSON whose top-level ``model`` is a string (as read_fields found it)."""
+    only = _only_model_span(body)
+    spans = [only] if only is not None else model_spans(body)
     if not spans:
         return body
     value = json.dumps(name).encode()
