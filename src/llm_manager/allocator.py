@@ -9,7 +9,8 @@ fragmented (a peak RSS of 136 MiB instead of 89 after the benchmark's bodies). F
 thresholds give both: blocks below 8 MiB come from the heap and are used again, the heap
 keeps up to 16 MiB free before it is trimmed, and blocks from 8 MiB on (the bodies read into
 one buffer, gateway.forward._LARGE_BODY) are mapped apart and go back to the system when
-freed. docs/performance.md, "Memory: the allocator's thresholds", has the measurements.
+freed. docs/performance.md ("Request bodies joined, the last full run, and memory after
+large bodies") has the measurements.
 
 Only glibc has these knobs; elsewhere (musl, macOS) nothing is changed. A user who set
 glibc's own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, or malloc tunables
