@@ -116,12 +116,17 @@ def _string_end(body: bytes, start: int) -> int:
         at = body.find(b'"', at)
         if at < 0:
             raise ValueError("unterminated string")  # not reached: the body was validated
-        slashes = 0
-        while body[at - 1 - slashes] == 0x5C:  # an escaped quote has an odd run of \\
-            slashes += 1
-        if not slashes % 2:
+        if body[at - 1] != 0x5C or not _escaped(body, at):  # most quotes: no call
             return at + 1
         at += 1
+
+
+def _escaped(body: bytes, at: int) -> bool:
+    """Whether the quote at ``at`` is escaped: an odd run of backslashes before it."""
+    before = at
+    while before > 0 and body[before - 1] == 0x5C:
+        before -= 1
+    return bool((at - before) % 2)
 
 
 def _is_model_key(token: bytes) -> bool:
@@ -175,11 +180,8 @@ def _only_model_span(body: bytes) -> tuple[int, int] | None:
     at = body.find(_MODEL_KEY)
     while at >= 0:
         end = at + len(_MODEL_KEY)
-        slashes = 0
-        while at - 1 - slashes >= 0 and body[at - 1 - slashes] == 0x5C:
-            slashes += 1
         colon = _next_non_space(body, end)
-        if not slashes % 2 and colon < size and body[colon] == 0x3A:  # ':': a key
+        if not _escaped(body, at) and colon < size and body[colon] == 0x3A:  # ':': a key
             if found is not None:
                 return None  # more than one: which is the top-level one takes the scan
             value = _next_non_space(body, colon + 1)
