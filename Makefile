@@ -37,8 +37,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 
+# The suite runs in two worker processes (pytest-xdist), each test file whole on one of them
+# (its module fixtures, a Ray cluster or a benchmark run, are set up once): 7:47 against
+# 13:07 in one process on a 2-core machine. `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
