@@ -158,7 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--body", choices=[*BODIES, "stream", "llama"], default="small")
     p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
     args = p.parse_args(argv)
-    per_request = asyncio.run(run(args))
+    procs.interrupt_on_sigterm()
+    try:
+        per_request = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("interrupted: every process stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     for line in summary(per_request):
         print(line)
     return per_request

@@ -32,6 +32,16 @@ DEFAULT_LITELLM = "/work/bench-venvs/litellm/bin/litellm"
 LITELLM_KEY = "sk-bench"
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM tears a harness down as Ctrl-C does (its ``finally`` stops every process it
+    started) instead of ending Python at once and leaving them running."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 # --------------------------------------------------------------------------- /proc readings
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -760,10 +759,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:  # the tables again, from a saved run; nothing is measured
@@ -771,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         results["goals"] = report.goals(results)
         print(report.markdown(results))
         return 0
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # tear down as on Ctrl-C
+    procs.interrupt_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="llm-manager-bench-"))
     processes = procs.Processes(workdir)
     try:

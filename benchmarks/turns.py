@@ -44,7 +44,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -426,13 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # tear down as on Ctrl-C
+    procs.interrupt_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="llm-manager-turns-"))
     made: list[procs.Processes] = []
     try:

@@ -243,6 +243,46 @@ def test_ab_compares_two_checkouts_side_by_side() -> None:
 
 
 @pytest.mark.skipif(
+    not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"),
+    reason="benchmarks/ab.py needs nginx and wrk",
+)
+def test_ab_stopped_by_sigterm_leaves_no_process() -> None:
+    """SIGTERM to benchmarks/ab.py while its managers serve: it stops every process it
+    started (managers, their engines and reapers) and its work folder is gone."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--a", "src", "--b", "src"]
+    argv += ["--rounds", "3", "--seconds", "3", "--go", "none"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().decode()  # a round's line: both sides are serving
+        assert first.startswith("round 1"), first
+        harness = psutil.Process(proc.pid)
+        started = harness.children(recursive=True)
+        assert len([p for p in started if "llm_manager" in " ".join(p.cmdline())]) >= 2
+        workdirs = {
+            part.split("/A/")[0]
+            for p in started
+            for part in p.cmdline()
+            if "/llm-manager-ab-" in part and "/A/" in part
+        }
+        assert len(workdirs) == 1, workdirs
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    assert "interrupted" in stderr.decode()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for left in alive:
+        with contextlib.suppress(psutil.Error):
+            left.kill()
+    assert not alive, [p.pid for p in alive]
+    assert not Path(workdirs.pop()).exists()
+
+
+@pytest.mark.skipif(
     not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
     or not shutil.which("wrk")
     or not LLAMA,
