@@ -3,7 +3,7 @@ reverse proxy, in alternated runs on the same backend: how a change to the relay
 measured before it lands (docs/performance.md, "A leaner relay").
 
     .venv/bin/python benchmarks/ab.py --a OLD/src --b src [--rounds 5] [--seconds 4]
-        [--clients 8] [--body small|64k|1m|stream|llama] [--go none]
+        [--clients 8] [--body small|64k|1m|stream|llama] [--go none] [--alias]
 
 Each side is a whole ``llm-manager serve`` with one model. ``small``, ``64k`` and ``1m``
 send non-streamed chat requests (the run.py bodies) to nginx answering a fixed chat
@@ -38,6 +38,7 @@ import procs  # noqa: E402
 from run import LLAMA_FLAGS  # noqa: E402 - the engine as the full benchmark runs it
 
 BODIES = {"small": 0, "64k": 64 << 10, "1m": 1 << 20}
+ALIAS = "m-alias"
 
 
 def model_command(kind: str, workdir: Path, nginx: str, gguf: Path | None) -> list[str]:
@@ -48,26 +49,29 @@ def model_command(kind: str, workdir: Path, nginx: str, gguf: Path | None) -> li
     return backend + ["--nginx", nginx, "--workdir", str(workdir)]
 
 
-def request(base: str, body: str) -> loadgen.Request:
+def request(base: str, body: str, model: str = "m") -> loadgen.Request:
     if body == "stream":
-        return loadgen.chat_request(base, "m", {}, stream=True, max_tokens=64)
+        return loadgen.chat_request(base, model, {}, stream=True, max_tokens=64)
     if body == "llama":
-        return loadgen.chat_request(base, "m", {}, max_tokens=16)
+        return loadgen.chat_request(base, model, {}, max_tokens=16)
     if BODIES[body]:
-        return loadgen.history_request(base, "m", {}, BODIES[body])
-    return loadgen.chat_request(base, "m", {})
+        return loadgen.history_request(base, model, {}, BODIES[body])
+    return loadgen.chat_request(base, model, {})
 
 
 async def start_side(
     processes: procs.Processes, name: str, src: Path, workdir: Path, command: list[str]
 ) -> tuple[int, str, int]:
-    """A manager serving ``src`` with the model ``m`` started: (pid, url, model port)."""
+    """A manager serving ``src`` with the model ``m`` (alias ``ALIAS``) started: (pid, url,
+    model port)."""
     folder = workdir / name
     folder.mkdir()
     port = procs.free_port()
     config = {
         "server": {"data_dir": str(folder / "data"), "idle_timeout": 0},
-        "models": {"m": {"port": port, "schemes": {"cpu": {"command": command}}}},
+        "models": {
+            "m": {"port": port, "aliases": [ALIAS], "schemes": {"cpu": {"command": command}}}
+        },
     }
     path = folder / "llm-manager.yaml"
     path.write_text(json.dumps(config))
@@ -106,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
             await procs.wait_http(url + "/health", proxy, processes.log_path("go-proxy"), 30)
             sides["Go"] = (proxy.pid, url)
         scripts = {
-            name: loadgen.wrk_script(workdir, request(url, args.body))
+            name: loadgen.wrk_script(workdir, request(url, args.body, ALIAS if args.alias else "m"))
             for name, (_, url) in sides.items()
         }
         per_request: dict[str, list[float]] = {name: [] for name in sides}
@@ -157,6 +161,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--body", choices=[*BODIES, "stream", "llama"], default="small")
     p.add_argument("--go", help="the go executable, or 'none' (default: found on PATH)")
+    p.add_argument(
+        "--alias",
+        action="store_true",
+        help=f"name the model by its alias {ALIAS!r} (the manager renames it in the body)",
+    )
     args = p.parse_args(argv)
     procs.interrupt_on_sigterm()
     try:

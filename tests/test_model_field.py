@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_manager.errors import BadRequest
+from llm_manager.gateway import model_field
 from llm_manager.gateway.model_field import (
     _only_model_span,
+    _top_level_model_spans,
     model_spans,
     read_fields,
     rename_model,
@@ -135,6 +137,89 @@ def test_the_only_model_key_is_found_without_the_structure_scan(body: bytes) -> 
 )
 def test_the_structure_scan_decides_when_the_key_may_not_be_the_only_one(body: bytes) -> None:
     assert _only_model_span(body) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.text(max_size=8), JSON_VALUES), max_size=6),
+    models=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
+    at=st.integers(min_value=0, max_value=6),
+    ascii_only=st.booleans(),
+    spaced=st.booleans(),
+)
+def test_the_top_level_walk_finds_what_the_scan_finds_or_hands_over(
+    pairs: list[tuple[str, Any]],
+    models: list[str],
+    at: int,
+    ascii_only: bool,
+    spaced: bool,
+) -> None:
+    """The walk over msgspec's pairs gives the scan's spans, or None (never other spans);
+    with every key once it always gives them."""
+    pairs = [p for p in pairs if p[0] != "model"]
+    for i, name in enumerate(models):
+        pairs.insert(min(at + i, len(pairs)), ("model", name))
+    body = _dump(pairs, ascii_only, spaced)
+    walked = _top_level_model_spans(body)
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) == len(keys):
+        assert walked == model_spans(body)
+    else:
+        assert walked is None  # a key twice: the scan decides
+
+
+@pytest.mark.parametrize(
+    ("body", "values"),
+    [
+        (b'{"messages": [{"model": "inner"}], "model": "a"}', [b'"a"']),
+        (b'{\n "model" :\t"a" ,"n": 12}', [b'"a"']),  # spacing
+        (b'{"n": 1, "model": "a"}', [b'"a"']),  # a number, then the key
+        (b'{"mod\\u0065l": "a", "x": {"model": "b"}}', [b'"a"']),  # an escaped spelling
+        (b'{"model": 5, "x": "model"}', []),  # not a string: left alone
+        (b'{"x": "a \\"model\\": \\"b\\"", "model": "c"}', [b'"c"']),
+        (b'  {"model": "a"}  ', [b'"a"']),  # whitespace around the object
+    ],
+)
+def test_the_top_level_walk_on_bodies_that_matter(body: bytes, values: list[bytes]) -> None:
+    spans = model_spans(body)
+    assert [body[a:b] for a, b in spans] == values
+    assert _top_level_model_spans(body) == spans
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "model": "b"}',  # a key twice: one entry for two pairs
+        b'{"x": 1, "x": 2, "model": "a"}',
+        b'{"model": "\\ud800"}',  # a lone surrogate: msgspec refuses it, the stdlib not
+        b'{"model": NaN}',
+    ],
+)
+def test_the_top_level_walk_hands_over_what_it_cannot_tell(body: bytes) -> None:
+    assert _top_level_model_spans(body) is None
+
+
+def test_a_large_body_is_renamed_by_the_walk_and_a_doubled_key_by_the_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    history = [{"role": "user", "content": f'say "model": {i} \\u006d'} for i in range(200)]
+    body = json.dumps({"messages": history, "model": "alias"}).encode()
+    assert len(body) >= model_field._WALK_FROM
+    scans: list[bytes] = []
+    scan = model_field.model_spans
+
+    def counted(b: bytes) -> list[tuple[int, int]]:
+        scans.append(b)
+        return scan(b)
+
+    monkeypatch.setattr(model_field, "model_spans", counted)
+    renamed = rename_model(body, "real")
+    assert renamed == body.replace(b'"model": "alias"', b'"model": "real"')
+    assert scans == []  # the walk found it
+    doubled = body[:-1] + b', "model": "alias"}'
+    renamed = rename_model(doubled, "real")
+    assert renamed == doubled.replace(b'"model": "alias"', b'"model": "real"')
+    assert renamed.count(b'"model": "real"') == 2 and len(scans) == 1
 
 
 def test_a_model_that_is_not_a_string_is_left_alone() -> None:
