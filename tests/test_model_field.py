@@ -4,6 +4,7 @@ renamed by splicing bytes; property-tested against ``json.loads``."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -246,3 +247,60 @@ def test_stream_flag() -> None:
     assert read_fields(b'{"model": "a", "stream": "yes"}').stream is False
     assert read_fields(b'{"stream": true}').has_model is False
     assert read_fields(b'{"model": null}').has_model is True
+
+
+@pytest.mark.parametrize(
+    ("body", "model", "stream"),
+    [
+        (b'{"model": "a", "model": "b", "stream": true}', "b", True),  # a key twice: the last
+        (b'{"stream": true, "model": "a", "stream": false}', "a", False),
+        (b'{"n": 1e400, "model": "a"}', "a", False),  # beyond simdjson: json.loads reads it
+        (b'{"seed": 123456789012345678901234567890, "model": "a"}', "a", False),
+        (b'{"x": "\\ud800", "model": "a"}', "a", False),  # a lone surrogate escape
+        (b'{"t": NaN, "model": "a", "stream": true}', "a", True),
+        (b'{"mod\\u0065l": "a"}', "a", False),  # an escaped spelling of the key
+    ],
+)
+def test_fields_read_as_json_loads_reads_them(body: bytes, model: str, stream: bool) -> None:
+    fields = read_fields(body)
+    assert (fields.model, fields.has_model, fields.stream) == (model, True, stream)
+
+
+def test_a_model_that_is_an_object_or_a_list_is_read_out_of_the_parser() -> None:
+    """Not a string (the caller answers 400), copied out: the next body parses at once."""
+    assert read_fields(b'{"model": {"a": [1]}}').model == {"a": [1]}
+    assert read_fields(b'{"model": [1, {"b": 2}]}').model == [1, {"b": 2}]
+    assert read_fields(b'{"model": "next"}').model == "next"
+
+
+def test_invalid_utf8_is_a_clear_400() -> None:
+    with pytest.raises(BadRequest, match="invalid JSON"):
+        read_fields(b'{"model": "a", "x": "\xff"}')
+
+
+def test_a_large_body_gets_a_parser_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread's parser is not grown by a large body: that one gets a parser of its own."""
+    read_fields(b'{"model": "a"}')
+    kept = model_field._PARSERS.parser
+    made: list[object] = []
+    real = model_field.simdjson.Parser
+
+    def parser() -> object:
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(model_field.simdjson, "Parser", parser)
+    monkeypatch.setattr(model_field, "_KEPT_PARSER_MAX", 64)
+    big = json.dumps({"messages": ["x" * 200], "model": "big"}).encode()
+    assert read_fields(big).model == "big"
+    assert len(made) == 1 and made[0] is not kept
+    assert read_fields(b'{"model": "b"}').model == "b"
+    assert len(made) == 1 and model_field._PARSERS.parser is kept
+
+
+def test_threads_read_bodies_at_once() -> None:
+    """A parser reads one body at a time: each thread has its own."""
+    bodies = [json.dumps({"model": f"m{i}", "messages": ["x" * i]}).encode() for i in range(400)]
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda b: read_fields(b).model, bodies))
+    assert models == [f"m{i}" for i in range(400)]
