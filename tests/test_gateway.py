@@ -331,6 +331,8 @@ BAD_INPUTS = [
     ("GET", "/v1/chat/completions", b"", 405, "use POST"),
     ("DELETE", "/v1/embeddings", b"", 405, "use POST"),
     ("POST", "/v1/chat/completions", b"\xff\xfe\x00garbage", 400, "not JSON"),
+    # JSON is UTF-8: an invalid byte in a field the manager does not read is still a 400
+    ("POST", "/v1/chat/completions", b'{"model": "chat-model", "x": "\xff"}', 400, "invalid JSON"),
     ("GET", "/v1/whatever", b"", 404, "no route"),
 ]
 
