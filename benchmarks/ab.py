@@ -167,12 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"name the model by its alias {ALIAS!r} (the manager renames it in the body)",
     )
     args = p.parse_args(argv)
-    procs.interrupt_on_sigterm()
-    try:
-        per_request = asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted: every process stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    per_request = procs.run_interruptible(run(args))
     for line in summary(per_request):
         print(line)
     return per_request

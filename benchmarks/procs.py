@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import psutil
@@ -30,6 +31,18 @@ ROOT = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_LITELLM = "/work/bench-venvs/litellm/bin/litellm"
 LITELLM_KEY = "sk-bench"
+T = TypeVar("T")
+
+
+def run_interruptible(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, torn down on SIGTERM as on Ctrl-C (``main``'s ``finally``
+    stops what it started); interrupted, it exits with status 130."""
+    interrupt_on_sigterm()
+    try:
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        print("interrupted: every process stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def interrupt_on_sigterm() -> None:

@@ -205,12 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--json", type=Path, help="write the readings here")
     args = p.parse_args(argv)
-    procs.interrupt_on_sigterm()
-    try:
-        result = asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted: every process stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    result = procs.run_interruptible(run(args))
     for line in summary(result):
         print(line)
     if args.json is not None:
