@@ -7,6 +7,11 @@ GPU held), evicts the first model for a big one, and stops on SIGTERM. Prints ev
 sees.
 
     PYTHONPATH=src python3 scripts/gpu_check.py
+
+The device's Python has no FastAPI, uvicorn or pydantic: bring wheels for every entry of
+pyproject.toml's ``dependencies`` it lacks, pysimdjson among them since 3a95ec3, built for its
+Python (``pip download --only-binary=:all: --python-version 3.12 -d wheels ...``), and
+install them there with ``pip install --no-index wheels/*.whl`` before this script.
 """
 
 from __future__ import annotations
