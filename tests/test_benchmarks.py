@@ -22,6 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.conftest import alive
+
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "benchmarks" / "run.py"
 LLAMA = all(importlib.util.find_spec(m) is not None for m in ("xllamacpp", "gguf"))
@@ -242,13 +244,6 @@ def test_ab_compares_two_checkouts_side_by_side() -> None:
     assert "B / A: " in proc.stdout
 
 
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.skipif(
     not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"),
     reason="benchmarks/ab.py needs nginx and wrk",
@@ -281,12 +276,12 @@ def test_ab_stopped_by_sigterm_leaves_no_process() -> None:
             proc.communicate()
     assert proc.returncode == 130, stderr.decode()[-2000:]
     assert "interrupted" in stderr.decode()
-    _, alive = psutil.wait_procs(started, timeout=5)
-    alive = [p for p in alive if _running(p)]  # an exited wrk may wait to be reaped by init
-    for left in alive:
+    _, waiting = psutil.wait_procs(started, timeout=5)
+    left = [p for p in waiting if alive(p.pid)]  # an exited wrk may wait to be reaped by init
+    for proc_left in left:
         with contextlib.suppress(psutil.Error):
-            left.kill()
-    assert not alive, [p.pid for p in alive]
+            proc_left.kill()
+    assert not left, [p.pid for p in left]
     assert not Path(workdirs.pop()).exists()
 
 

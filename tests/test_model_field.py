@@ -48,27 +48,25 @@ def _dump(pairs: list[tuple[str, Any]], ascii_only: bool, spaced: bool) -> bytes
     return ("{" + ("\n " if spaced else "") + sep.join(items) + "}").encode()
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    pairs=st.lists(st.tuples(st.text(max_size=8), JSON_VALUES), max_size=6),
-    models=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
-    at=st.integers(min_value=0, max_value=6),
-    new=st.text(min_size=1, max_size=12),
-    ascii_only=st.booleans(),
-    spaced=st.booleans(),
-)
-def test_renaming_bytes_equals_renaming_the_decoded_object(
-    pairs: list[tuple[str, Any]],
-    models: list[str],
-    at: int,
-    new: str,
-    ascii_only: bool,
-    spaced: bool,
-) -> None:
+@st.composite
+def bodies_with_models(draw: st.DrawFn) -> tuple[list[tuple[str, Any]], int, bytes]:
+    """A JSON object of random pairs with "model" once or more (duplicates: the last wins),
+    in one of several spellings: (its pairs, how many "model" keys, the body)."""
+    pairs = draw(st.lists(st.tuples(st.text(max_size=8), JSON_VALUES), max_size=6))
     pairs = [p for p in pairs if p[0] != "model"]
-    for i, name in enumerate(models):  # "model" once or more (duplicates: the last wins)
+    models = draw(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3))
+    at = draw(st.integers(min_value=0, max_value=6))
+    for i, name in enumerate(models):
         pairs.insert(min(at + i, len(pairs)), ("model", name))
-    body = _dump(pairs, ascii_only, spaced)
+    return pairs, len(models), _dump(pairs, draw(st.booleans()), draw(st.booleans()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=bodies_with_models(), new=st.text(min_size=1, max_size=12))
+def test_renaming_bytes_equals_renaming_the_decoded_object(
+    case: tuple[list[tuple[str, Any]], int, bytes], new: str
+) -> None:
+    _, models, body = case
     fields = read_fields(body)
     assert fields.model == json.loads(body)["model"]
     renamed = rename_model(body, new)
@@ -77,7 +75,7 @@ def test_renaming_bytes_equals_renaming_the_decoded_object(
     assert json.loads(renamed) == expected
     # Every byte outside the model values is unchanged.
     spans = model_spans(body)
-    assert len(spans) == len(models)
+    assert len(spans) == models
     renamed_spans = model_spans(renamed)
     value = json.dumps(new).encode()
     assert [renamed[a:b] for a, b in renamed_spans] == [value] * len(spans)
@@ -141,26 +139,13 @@ def test_the_structure_scan_decides_when_the_key_may_not_be_the_only_one(body: b
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    pairs=st.lists(st.tuples(st.text(max_size=8), JSON_VALUES), max_size=6),
-    models=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
-    at=st.integers(min_value=0, max_value=6),
-    ascii_only=st.booleans(),
-    spaced=st.booleans(),
-)
+@given(case=bodies_with_models())
 def test_the_top_level_walk_finds_what_the_scan_finds_or_hands_over(
-    pairs: list[tuple[str, Any]],
-    models: list[str],
-    at: int,
-    ascii_only: bool,
-    spaced: bool,
+    case: tuple[list[tuple[str, Any]], int, bytes],
 ) -> None:
     """The walk over msgspec's pairs gives the scan's spans, or None (never other spans);
     with every key once it always gives them."""
-    pairs = [p for p in pairs if p[0] != "model"]
-    for i, name in enumerate(models):
-        pairs.insert(min(at + i, len(pairs)), ("model", name))
-    body = _dump(pairs, ascii_only, spaced)
+    pairs, _, body = case
     walked = _top_level_model_spans(body)
     keys = [k for k, _ in pairs]
     if len(set(keys)) == len(keys):
