@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import select
 import socket
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -348,6 +350,33 @@ async def test_body_delimited_by_connection_close() -> None:
         assert server.accepted == 2
 
 
+async def test_a_connection_the_server_closed_is_freed_without_the_cyclic_collector() -> None:
+    # llama.cpp closes its connection after every stream. A closed connection once stayed
+    # in a reference cycle (its parser holds its callbacks, its transport holds it) until
+    # the cyclic collector ran, 23 us per stream (docs/performance.md): with the collector
+    # off, the last reference must free it.
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        # the handler returns: the server closes the connection
+
+    gc.disable()
+    try:
+        async with serving(handler) as (server, pool):
+            response = await get(pool, server.port)
+            assert await read_all(response) == b"hello"
+            conn = weakref.ref(response._conn)  # noqa: SLF001
+            response.release()
+            del response
+            await wait_until(lambda: conn() is None)
+            assert pool.open_connections == 0
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -573,8 +602,9 @@ async def test_connect_refused() -> None:
         assert pool.open_connections == 0
 
 
-async def test_connect_timeout() -> None:
-    """Linux drops a SYN while the listen queue is full: connecting hangs."""
+@contextlib.asynccontextmanager
+async def hanging_address() -> AsyncIterator[tuple[str, int]]:
+    """An address where connecting hangs: Linux drops a SYN while the listen queue is full."""
     loop = asyncio.get_running_loop()
     with socket.socket() as listener:
         listener.bind((HOST, 0))
@@ -592,18 +622,42 @@ async def test_connect_timeout() -> None:
                     break  # the queue is full
             else:
                 pytest.skip("the listen queue never filled up")
-            pool = UpstreamPool()
-            try:
-                began = time.monotonic()
-                with pytest.raises(ConnectTimeout):
-                    await get(pool, address[1], connect_timeout=0.3)
-                assert time.monotonic() - began < 1.5
-                assert pool.open_connections == 0
-            finally:
-                pool.close()
+            yield address
         finally:
             for filler in fillers:
                 filler.close()
+
+
+async def test_connect_timeout() -> None:
+    async with hanging_address() as address:
+        pool = UpstreamPool()
+        try:
+            began = time.monotonic()
+            with pytest.raises(ConnectTimeout):
+                await get(pool, address[1], connect_timeout=0.3)
+            assert time.monotonic() - began < 1.5
+            assert pool.open_connections == 0
+            current = asyncio.current_task()
+            assert current is not None and current.cancelling() == 0  # nothing left pending
+        finally:
+            pool.close()
+
+
+async def test_a_connect_cancelled_from_outside_is_cancelled_not_timed_out() -> None:
+    # The client left while its connection was being made (direct.py cancels the connect):
+    # a cancellation, whatever the connect timeout's timer would have said later.
+    async with hanging_address() as address:
+        pool = UpstreamPool()
+        try:
+            task = asyncio.create_task(get(pool, address[1], connect_timeout=0.5))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.6)  # past the timeout: its timer was stopped
+            assert pool.open_connections == 0
+        finally:
+            pool.close()
 
 
 # --- backpressure ----------------------------------------------------------------------------
@@ -1371,12 +1425,15 @@ UVLOOP_SCENARIOS: list[Callable[[], Awaitable[None]]] = [
     test_content_length_body_then_reuse,
     test_chunked_body_arrives_chunk_by_chunk,
     test_body_delimited_by_connection_close,
+    test_a_connection_the_server_closed_is_freed_without_the_cyclic_collector,
     test_idle_connection_closed_by_server_is_replaced,
     test_reused_connection_closed_on_next_request_raises_dropped_reused,
     test_fresh_connection_closed_before_any_byte_raises_dropped_not_reused,
     test_read_timeout_after_a_first_chunk,
     test_read_timeout_when_the_server_answers_nothing,
     test_connect_refused,
+    test_connect_timeout,
+    test_a_connect_cancelled_from_outside_is_cancelled_not_timed_out,
     test_backpressure_pauses_reading_and_keeps_every_byte,
     test_head_answer_has_no_body_and_is_not_reused,
     test_invalid_chunk_mid_body_raises_upstream_error,
