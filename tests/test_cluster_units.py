@@ -382,7 +382,7 @@ async def test_an_engine_is_followed_again_from_the_line_it_had_reached(spawn_lo
     # Its owner restarted: a new RemoteEngine attaches to the same host, after line ``seq``.
     lines: list[str] = []
     second = RemoteEngine("a", "127.0.0.1", calls)
-    second.attach(pid, seq, lambda s, m: lines.append(m))
+    second.attach(pid, seq, lambda s, m: lines.extend(m))
     await wait_until(lambda: len(lines) >= 2)
     assert all(line.startswith("tick") for line in lines)
     numbers = [int(line.split()[1]) for line in lines]

@@ -4,6 +4,7 @@ colours in headless Chromium, and the counts behind the log statistics."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,26 @@ def test_each_line_gets_its_level_in_order() -> None:
     levels = StreamLevels()
     got = [(message, levels.level(stream, message)) for stream, message, _ in LINES]
     assert got == [(message, level) for _, message, level in LINES]
+
+
+def test_the_lines_of_one_read_get_the_levels_they_get_one_by_one() -> None:
+    # A read's lines are classified in one call (ModelLog.extend): the same levels.
+    levels = StreamLevels()
+    got: list[str] = []
+    for stream, run in itertools.groupby(LINES, key=lambda line: line[0]):
+        got += levels.levels(stream, [message for _, message, _ in run])
+    assert got == [level for _, _, level in LINES]
+    # A line with a marker inside an open traceback is its exception line: error, and it
+    # ends the traceback.
+    read = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "0.00.001.000 I srv  a marked line",
+        "0.00.001.001 W srv  the next one",
+    ]
+    assert StreamLevels().levels("stderr", read) == [ERROR, ERROR, ERROR, WARNING]
+    one_by_one = StreamLevels()
+    assert [one_by_one.level("stderr", line) for line in read] == [ERROR, ERROR, ERROR, WARNING]
 
 
 def test_a_marker_beats_the_words() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llm_manager.logs import LogBook, LogSettings
+from llm_manager.logs import LogBook, LogSettings, ModelLog
 from llm_manager.models.process import MAX_LINE_BYTES
 from llm_manager.models.runtime import State
 from llm_manager.store.db import Database
@@ -247,6 +247,37 @@ async def test_retention_by_age_and_by_count(tmp_path: Path) -> None:
     db.close()
 
 
+async def test_the_lines_of_one_read_are_kept_streamed_and_stored_together(tmp_path: Path) -> None:
+    # A read's lines go down in one call (ModelLog.extend, one hand-over to the store's
+    # writer): in order, numbered, with their levels and the read's one timestamp.
+    db = Database(tmp_path / "x.db")
+    assert db.open()
+    store = LogStore(db)
+    model_log = ModelLog("m", 100, store.add_lines)
+    model_log.append("manager", "before")
+    _, subscription = model_log.subscribe()
+    read = ["0.00.001.000 I srv  first", "0.00.001.001 W srv  second", "", "plain third"]
+    model_log.extend("stderr", read)
+    model_log.extend("stdout", [])  # a read of no complete line: nothing
+    lines = model_log.lines()
+    assert [(line.seq, line.message, line.level) for line in lines] == [
+        (1, "before", "info"),
+        (2, read[0], "info"),
+        (3, read[1], "warning"),
+        (4, "", "info"),
+        (5, "plain third", "info"),
+    ]
+    assert len({line.timestamp for line in lines[1:]}) == 1
+    skipped, live = await asyncio.wait_for(subscription.get(), 5)
+    assert skipped == 0 and live == lines[1:]
+    assert db.flush()
+    stored = await asyncio.to_thread(store.recent, "m", 100)
+    assert stored == [(line.timestamp, line.stream, line.message) for line in lines]
+    db.close()
+    model_log.extend("stderr", ["after the store closed"])  # counted as dropped, no error
+    assert db.dropped == 1
+
+
 async def test_server_shutdown_ends_live_streams(tmp_path: Path, spawn_log: Path) -> None:
     loaded = make_config(tmp_path, {"m": fake(spawn_log)})
     async with running_manager(loaded) as mgr:
@@ -328,7 +359,7 @@ async def test_history_loads_while_a_reload_adds_a_model() -> None:
             time.sleep(0.2)  # in a worker thread: the loop runs on meanwhile
             return [(1.0, "stdout", f"{model} line")]
 
-        def add(self, model: str, ts: float, stream: str, message: str) -> None:
+        def add_lines(self, model: str, ts: float, stream: str, messages: list[str]) -> None:
             pass
 
     store = SlowStore()
@@ -365,7 +396,7 @@ def test_output_is_split_into_the_same_lines_however_it_is_read(size: int) -> No
     from llm_manager.models.process import _LineSplitter
 
     got: list[tuple[str, str]] = []
-    splitter = _LineSplitter("stderr", lambda stream, line: got.append((stream, line)))
+    splitter = _LineSplitter("stderr", lambda stream, lines: got.extend((stream, x) for x in lines))
     for at in range(0, len(SPLIT_INPUT), size):
         splitter.feed(SPLIT_INPUT[at : at + size])
     splitter.finish()

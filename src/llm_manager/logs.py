@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_manager.model")
 
-Persist = Callable[[str, float, str, str], None]  # (model, timestamp, stream, message)
+Persist = Callable[[str, float, str, list[str]], None]  # (model, timestamp, stream, messages)
 
 
 class LogLine(NamedTuple):
@@ -40,6 +40,9 @@ class LogLine(NamedTuple):
     # error | warning | info, read from the message (loglevel.py), never from the stream:
     # llama.cpp writes everything to stderr.
     level: str = INFO
+
+
+_new_tuple = tuple.__new__
 
 
 class Subscription:
@@ -92,14 +95,25 @@ class ModelLog:
         self._levels = StreamLevels()
 
     def append(self, stream: str, message: str) -> None:
-        self._seq += 1
-        level = self._levels.level(stream, message)
-        line = LogLine(self._seq, time.time(), stream, message, level)
-        self._lines.append(line)
+        self.extend(stream, [message])
+
+    def extend(self, stream: str, messages: list[str]) -> None:
+        """The lines of one read of a model's output: kept, stored and sent on together,
+        with one timestamp (they arrived together)."""
+        now = time.time()
+        seq = self._seq
+        lines = []
+        for message, level in zip(messages, self._levels.levels(stream, messages), strict=True):
+            seq += 1
+            # tuple.__new__, not LogLine(...): the named tuple's __new__ is a Python frame
+            lines.append(_new_tuple(LogLine, (seq, now, stream, message, level)))
+        self._seq = seq
+        self._lines.extend(lines)
         if self._persist is not None:
-            self._persist(self.model, line.timestamp, stream, message)
+            self._persist(self.model, now, stream, messages)
         for subscriber in self._subscribers:
-            subscriber.offer(line)
+            for line in lines:
+                subscriber.offer(line)
 
     def copy(self, timestamp: float, stream: str, message: str, level: str) -> None:
         """A line another process logged and keeps (a gateway replica shows the lines of
@@ -188,7 +202,7 @@ class LogBook:
         self._logs: dict[str, ModelLog] = {}
 
     def create(self, model: str) -> ModelLog:
-        persist = self._store.add if self._store is not None else None
+        persist = self._store.add_lines if self._store is not None else None
         self._logs[model] = ModelLog(model, self.settings.buffer_lines, persist)
         return self._logs[model]
 
@@ -258,7 +272,7 @@ class LogBook:
 
 
 class LogStoreLike(Protocol):
-    def add(self, model: str, ts: float, stream: str, message: str) -> None: ...
+    def add_lines(self, model: str, ts: float, stream: str, messages: list[str]) -> None: ...
 
     def recent(self, model: str, limit: int) -> list[tuple[float, str, str]]: ...
 

@@ -135,9 +135,10 @@ class EngineHost:
         self._reaper.watch(self._proc.pgid)
         return self._proc.pid
 
-    def _append(self, stream: str, line: str) -> None:
-        self._seq += 1
-        self._lines.append((self._seq, stream, line))
+    def _append(self, stream: str, lines: list[str]) -> None:
+        for line in lines:
+            self._seq += 1
+            self._lines.append((self._seq, stream, line))
         if self._news is not None:
             self._news.set()
 

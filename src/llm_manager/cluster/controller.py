@@ -215,7 +215,7 @@ class SharedSupervisor(Supervisor):
             or runtime.spec.schemes.get(scheme) != kept.scheme
         ):
             return False
-        engine.attach(pid, seq, runtime.log.append)
+        engine.attach(pid, seq, runtime.log.extend)
         self._book(runtime, kept.fit)
         runtime.adopt(engine, scheme, kept.launch, kept.port)
         return True

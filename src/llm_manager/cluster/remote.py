@@ -161,8 +161,16 @@ class RemoteEngine:
                 batch, done = await self._calls.lines(seq, POLL_WAIT)
             except HostLost:
                 return
+            run: list[str] = []  # consecutive lines of one stream: one call
+            run_stream = ""
             for seq, stream, line in batch:  # noqa: B007 (seq: the last one fetched)
-                sink(stream, line)
+                if stream != run_stream and run:
+                    sink(run_stream, run)
+                    run = []
+                run_stream = stream
+                run.append(line)
+            if run:
+                sink(run_stream, run)
             if done and not batch:
                 return
 

@@ -19,7 +19,10 @@ from typing import Protocol, cast
 
 import psutil
 
-LineSink = Callable[[str, str], None]  # (stream, line)
+# (stream, lines): the complete lines of one read, in order. A list, not a call per line:
+# llama.cpp prints about ten lines per request, and each call down to the store cost about
+# as much as the line itself (measured, docs/performance.md).
+LineSink = Callable[[str, list[str]], None]
 
 
 class EngineProcess(Protocol):
@@ -242,8 +245,8 @@ class _OutputReader(asyncio.Protocol):
 
 
 class _LineSplitter:
-    """Bytes in, lines out. Invalid UTF-8 becomes replacement characters; very long lines
-    are cut with a marker."""
+    """Bytes in, lines out: the complete lines of each read go to the sink in one call.
+    Invalid UTF-8 becomes replacement characters; very long lines are cut with a marker."""
 
     def __init__(self, name: str, sink: LineSink) -> None:
         self._name = name
@@ -252,33 +255,49 @@ class _LineSplitter:
         self._dropping = False  # inside an over-long line whose head was already emitted
 
     def feed(self, chunk: bytes) -> None:
-        # One split per read, not a search and a cut of the buffer per line: an engine's
-        # read holds several lines (llama.cpp prints about ten per request).
         buffer = self._buffer
         if buffer:
             buffer += chunk
             chunk = bytes(buffer)
             buffer.clear()
-        *lines, rest = chunk.split(b"\n")
-        sink, name = self._sink, self._name
-        for line in lines:
-            if self._dropping:  # the rest of an over-long line whose head went out
+        end = chunk.rfind(b"\n")
+        if end >= 0:
+            start = 0
+            if self._dropping:  # the first line is the rest of an over-long line sent
                 self._dropping = False
-            elif len(line) > MAX_LINE_BYTES:
-                sink(name, _decode(line[:MAX_LINE_BYTES]) + _TRUNCATED)
-            else:
-                sink(name, _decode(line))
+                start = chunk.find(b"\n") + 1
+            if start <= end:
+                self._sink(self._name, _lines(chunk[start:end]))
+            rest = chunk[end + 1 :]
+        else:
+            rest = chunk
         if len(rest) > MAX_LINE_BYTES:
             if not self._dropping:
-                sink(name, _decode(rest[:MAX_LINE_BYTES]) + _TRUNCATED)
+                self._sink(self._name, [_decode(rest[:MAX_LINE_BYTES]) + _TRUNCATED])
             self._dropping = True
         elif not self._dropping:
             buffer += rest
 
     def finish(self) -> None:
         if self._buffer and not self._dropping:
-            self._sink(self._name, _decode(bytes(self._buffer)))
+            self._sink(self._name, [_decode(bytes(self._buffer))])
         self._buffer.clear()
+
+
+def _lines(data: bytes) -> list[str]:
+    """The lines of ``data`` (complete lines without the last line break)."""
+    if len(data) <= MAX_LINE_BYTES:
+        # No line can be too long: decoded at once (a line break never falls inside a
+        # UTF-8 sequence, so this gives what decoding line by line gives), then split.
+        text = data.decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        if text.find("\r") >= 0:
+            lines = [line.rstrip("\r") for line in lines]
+        return lines
+    return [
+        _decode(line[:MAX_LINE_BYTES]) + _TRUNCATED if len(line) > MAX_LINE_BYTES else _decode(line)
+        for line in data.split(b"\n")
+    ]
 
 
 def _decode(data: bytes) -> str:

@@ -579,11 +579,11 @@ class ModelRuntime:
             )
             proc: EngineProcess
             if remote is not None:
-                await remote.start(plan.argv, plan.env, plan.cwd, plan.script, self.log.append)
+                await remote.start(plan.argv, plan.env, plan.cwd, plan.script, self.log.extend)
                 proc = remote
             else:
                 try:
-                    proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.append)
+                    proc = await ModelProcess.spawn(plan.argv, plan.env, plan.cwd, self.log.extend)
                 except OSError as exc:
                     raise StartFailed(f"cannot run {plan.argv[0]!r}: {exc.strerror}") from None
         except BaseException:
@@ -805,8 +805,8 @@ class ModelRuntime:
         else:
             self.log.event(f"{stage}: {shlex.join(argv)}")
 
-            def sink(stream: str, line: str) -> None:
-                self.log.append(stream, f"[{stage}] {line}")
+            def sink(stream: str, lines: list[str]) -> None:
+                self.log.extend(stream, [f"[{stage}] {line}" for line in lines])
 
             try:
                 code = await run_command(argv, env, plan.cwd, sink, spec.timeout)

@@ -181,7 +181,9 @@ class Database:
         self.dropped = 0
         self.batch_interval = batch_interval
         self._wake = threading.Event()  # cuts a batch's wait short: flush and close
-        self._queue: queue.SimpleQueue[Write | threading.Event | _Call | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Write | list[Write] | threading.Event | _Call | None] = (
+            queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
         self._local = threading.local()
         self._readers: list[Connection] = []  # every thread's, closed with the store
@@ -221,6 +223,13 @@ class Database:
             self.dropped += 1
             return
         self._queue.put((sql, params))
+
+    def submit_many(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        """``submit`` for each row, handed to the writer at once (one queue operation)."""
+        if self._thread is None:
+            self.dropped += len(rows)
+            return
+        self._queue.put([(sql, params) for params in rows])
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is committed (or has failed)."""
@@ -290,11 +299,11 @@ class Database:
         pending: list[Write] = []
         driver = self.driver
         while True:
-            items: list[Write | threading.Event | _Call | None] = []
+            items: list[Write | list[Write] | threading.Event | _Call | None] = []
             with contextlib.suppress(queue.Empty):
                 # With writes waiting for a retry, wake up every second to try again.
                 items.append(self._queue.get(timeout=1.0 if pending else None))
-            if items and isinstance(items[0], tuple):
+            if items and isinstance(items[0], (tuple, list)):
                 # Let a batch gather: one commit (and one wake-up of this thread) per
                 # interval under load, instead of one per request on the serving path.
                 self._wake.wait(self.batch_interval)
@@ -308,6 +317,9 @@ class Database:
             for item in items:
                 if isinstance(item, tuple):
                     pending.append(item)
+                    continue
+                if isinstance(item, list):  # submit_many
+                    pending += item
                     continue
                 # A marker, a call or the stop: what was submitted before it goes first.
                 if pending:

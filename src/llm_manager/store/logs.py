@@ -18,6 +18,10 @@ class LogStore:
     def add(self, model: str, ts: float, stream: str, message: str) -> None:
         self._db.submit(_INSERT, (model, ts, stream, message))
 
+    def add_lines(self, model: str, ts: float, stream: str, messages: list[str]) -> None:
+        """The lines of one read, with one timestamp: one hand-over to the writer."""
+        self._db.submit_many(_INSERT, [(model, ts, stream, message) for message in messages])
+
     def recent(self, model: str, limit: int) -> list[tuple[float, str, str]]:
         """The newest ``limit`` lines of a model, oldest first."""
 
