@@ -17,6 +17,8 @@ from typing import Any
 import httptools
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_manager.gateway.direct import Exchange, Phase
 from llm_manager.gateway.forward import _LARGE_BODY
@@ -446,38 +448,40 @@ async def test_a_token_stream_is_written_on_by_the_engines_connection(
         assert row["ttfb_ms"] is not None and row["duration_ms"] > row["ttfb_ms"]
 
 
-async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
-    """Unit test of the splice with a real upstream connection: reads are written on by
-    the connection while the client reads; when the client's transport is full nothing
-    more is written and the reads wait in the connection; once it drains, everything
-    that waited goes out in order, and the stream goes on spliced to its end."""
+class _EngineTransport:
+    """The engine connection's transport in the splice's unit tests: writes go nowhere."""
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _spliced_exchange() -> tuple[Exchange, _Server, Any, list[Any], list[Any]]:
+    """An exchange (``_unit_exchange``) whose request went out on a real upstream connection
+    (gateway/upstream.py) over a fake transport: feed the engine's reads to the connection's
+    data_received. (the exchange, its server, the connection, given back, records)"""
     from types import SimpleNamespace
 
     from llm_manager.gateway.upstream import _Connection
     from llm_manager.store.usage import RequestRecord
 
-    class Upstream:  # the engine connection's transport
-        def get_extra_info(self, name: str) -> None:
-            return None
-
-        def write(self, data: bytes) -> None:
-            pass
-
-        def is_closing(self) -> bool:
-            return False
-
-        def pause_reading(self) -> None:
-            pass
-
-        def resume_reading(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     exchange, server, given_back, recorded = _unit_exchange(paused=False)
     conn = _Connection(("127.0.0.1", 1), lambda c: None, asyncio.get_running_loop())
-    conn.connection_made(Upstream())  # type: ignore[arg-type]
+    conn.connection_made(_EngineTransport())  # type: ignore[arg-type]
     runtime = SimpleNamespace(
         gate=SimpleNamespace(release=lambda: None), dismiss=lambda: None, release=lambda: None
     )
@@ -485,6 +489,34 @@ async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
     exchange._record = RequestRecord("m", "/v1/chat/completions", "POST", stream=True)
     exchange.phase = Phase.CONNECTING
     exchange._write(conn)  # WAITING, the connection SENT, its listener set
+    return exchange, server, conn, given_back, recorded
+
+
+def _client_payload(written: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """What the client reads from a chunked answer's writes: (the body, each chunk's size
+    line as sent)."""
+    body = b"".join(written)
+    body = body[body.index(b"\r\n\r\n") + 4 :]
+    payload = b""
+    sizes = []
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        sizes.append(size)
+        length = int(size, 16)
+        assert body[length : length + 2] == b"\r\n"
+        payload, body = payload + body[:length], body[length + 2 :]
+        if length == 0:
+            break
+    assert body == b""
+    return payload, sizes
+
+
+async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
+    """Unit test of the splice with a real upstream connection: reads are written on by
+    the connection while the client reads; when the client's transport is full nothing
+    more is written and the reads wait in the connection; once it drains, everything
+    that waited goes out in order, and the stream goes on spliced to its end."""
+    exchange, server, conn, given_back, recorded = _spliced_exchange()
 
     def data(i: int) -> bytes:
         return b'data: {"choices": [{"delta": {"content": "t%d"}}]}\n\n' % i
@@ -512,19 +544,90 @@ async def test_a_spliced_stream_stops_while_the_client_does_not_read() -> None:
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n'
     conn.data_received(b"%x\r\n%b\r\n" % (len(usage), usage) + b"0\r\n\r\n")
     assert exchange.phase is Phase.DONE and given_back == [conn] and conn.splice is None
-    body = b"".join(server.transport.written)
-    body = body[body.index(b"\r\n\r\n") + 4 :]
-    payload = b""
-    while True:  # the chunks as the client reads them (what waited went out as one)
-        size, _, body = body.partition(b"\r\n")
-        length = int(size, 16)
-        assert body[length : length + 2] == b"\r\n"
-        payload, body = payload + body[:length], body[length + 2 :]
-        if length == 0:
-            break
-    assert body == b""
+    payload, _ = _client_payload(server.transport.written)  # what waited went out as one
     assert payload == b"".join(data(i) for i in range(9)) + usage
     assert recorded[0].status == 200 and recorded[0].completion_tokens == 9
+
+
+EVENT_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _sse(i: int) -> bytes:
+    return b'data: {"choices": [{"delta": {"content": "t%d"}}]}\n\n' % i
+
+
+async def test_whole_chunks_pass_as_the_engine_framed_them() -> None:
+    """Between two chunks of an event stream, a read of whole chunks goes to the client
+    without the parser, framed as the engine framed it (here upper-case hex with leading
+    zeros); a chunk with an extension, one cut by the read, and the last chunk with its
+    trailer are read by the parser (and framed anew), and the parser reads the rest of
+    that answer."""
+    exchange, server, conn, given_back, recorded = _spliced_exchange()
+    conn.data_received(EVENT_HEAD + b"%X\r\n%b\r\n" % (len(_sse(0)), _sse(0)))
+    assert exchange.phase is Phase.ANSWERING and conn.splice is not None
+    conn.data_received(b"%04X\r\n%b\r\n" % (len(_sse(1)), _sse(1)))  # passed
+    two = b"".join(b"%04X\r\n%b\r\n" % (len(_sse(i)), _sse(i)) for i in (2, 3))
+    conn.data_received(two)  # two whole chunks in one read: passed as one write
+    assert server.transport.written[-1] == two
+    cut = b"%x;ext=1\r\n%b\r\n" % (len(_sse(4)), _sse(4))
+    conn.data_received(cut[:20])  # an extension, and cut: the parser's
+    conn.data_received(cut[20:])
+    conn.data_received(b"%04X\r\n%b\r\n" % (len(_sse(5)), _sse(5)))  # still the parser's
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 6}}\n\n'
+    conn.data_received(b"%x\r\n%b\r\n0\r\nx-trailer: 1\r\n\r\n" % (len(usage), usage))
+    assert exchange.phase is Phase.DONE and given_back == [conn]
+    payload, sizes = _client_payload(server.transport.written)
+    assert payload == b"".join(_sse(i) for i in range(6)) + usage
+    n = len(_sse(1))
+    assert sizes[:4] == [b"%x" % n, b"%04X" % n, b"%04X" % n, b"%04X" % n]  # as sent
+    assert len(sizes) >= 8 and sizes[-1] == b"0"
+    assert all(size == b"%x" % int(size, 16) for size in sizes[4:])  # framed anew
+    assert recorded[0].status == 200 and recorded[0].completion_tokens == 6
+
+
+@st.composite
+def event_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes, int]:
+    """An engine's event stream on the wire, cut into reads: (the reads, the SSE bytes, the
+    completion tokens its usage says)."""
+    count = draw(st.integers(0, 6))
+    sse = b"".join(_sse(i) for i in range(count))
+    sse += b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % count
+    cuts = sorted(draw(st.sets(st.integers(1, len(sse) - 1), max_size=8)))
+    wire = EVENT_HEAD
+    for start, end in zip([0, *cuts], [*cuts, len(sse)], strict=True):
+        size = b"%x" % (end - start)
+        size = draw(st.sampled_from([size, size.upper(), b"0" + size, b"00" + size]))
+        extension = draw(st.sampled_from([b"", b"", b"", b";x=1"]))
+        wire += size + extension + b"\r\n" + sse[start:end] + b"\r\n"
+    wire += draw(st.sampled_from([b"0\r\n\r\n", b"0\r\nx-trailer: 1\r\n\r\n"]))
+    # Most reads are whole chunks (as engines write events), some cut anywhere.
+    read_cuts = sorted(draw(st.sets(st.integers(1, len(wire) - 1), max_size=6)))
+    reads = [wire[a:b] for a, b in zip([0, *read_cuts], [*read_cuts, len(wire)], strict=True)]
+    return reads, sse, count
+
+
+@settings(max_examples=200, deadline=None)
+@given(stream=event_streams())
+def test_an_event_stream_reaches_the_client_whole_however_it_is_framed_and_read(
+    stream: tuple[list[bytes], bytes, int],
+) -> None:
+    """Whichever reads pass without the parser (whole chunks between two chunks) and which
+    the parser reads, the client gets every byte of the stream in order, once, and the
+    usage in its last event is recorded."""
+    reads, sse, count = stream
+
+    async def relay() -> None:
+        exchange, server, conn, given_back, recorded = _spliced_exchange()
+        for read in reads:
+            conn.data_received(read)
+        assert exchange.phase is Phase.DONE and given_back == [conn]
+        payload, _ = _client_payload(server.transport.written)
+        assert payload == sse
+        assert recorded[0].status == 200 and recorded[0].completion_tokens == count
+
+    asyncio.run(relay())
 
 
 async def test_large_bodies_reach_the_engine_intact_on_the_direct_path(

@@ -24,6 +24,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httptools
 import pytest
 import uvloop
 from aiohttp import web
@@ -1172,6 +1173,66 @@ async def test_keep_alive_that_allows_no_second_request(keep_alive: bytes) -> No
             response.release()
             assert conn.state is ConnState.CLOSED and pool.open_connections == 0
         assert server.accepted == 2
+
+
+WHOLE_CHUNKS = [
+    (b"5\r\nhello\r\n", [b"hello"]),
+    (b"5\r\nhello\r\n3\r\nabc\r\n", [b"hello", b"abc"]),
+    (b"00005\r\nhello\r\n", [b"hello"]),
+    (b"A\r\n0123456789\r\n", [b"0123456789"]),
+    (b"4\r\n\r\n\r\n\r\n", [b"\r\n\r\n"]),
+]
+NOT_WHOLE_CHUNKS = [
+    b"",
+    b"0\r\n\r\n",  # the last chunk: the parser ends the answer
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"5;x=1\r\nhello\r\n",  # an extension
+    b" 5\r\nhello\r\n",
+    b"5 \r\nhello\r\n",
+    b"+5\r\nhello\r\n",
+    b"0x5\r\nhello\r\n",
+    b"1_0\r\n0123456789abcdef\r\n",
+    b"5\r\nhell",  # cut by the read
+    b"5\r\nhello\r",
+    b"5\r\nhelloXY",
+    b"5\r\nhello\r\n3\r\nab",
+    b"\r\nhello\r\n",  # no size
+    b"5\nhello\r\n",  # a bare LF
+    b"1" * 17 + b"\r\n",  # a size line longer than 16 digits
+]
+
+
+@pytest.mark.parametrize(("data", "payloads"), WHOLE_CHUNKS)
+def test_whole_chunks_are_what_the_parser_reads_between_two_chunks(
+    data: bytes, payloads: list[bytes]
+) -> None:
+    # What passes without the parser (upstream._whole_chunks) is what llhttp reads from
+    # the same bytes, and leaves it between two chunks: the last chunk then ends the answer.
+    assert upstream._whole_chunks(data) == payloads
+
+    class Reader:
+        def __init__(self) -> None:
+            self.bodies: list[bytes] = []
+            self.complete = False
+
+        def on_body(self, body: bytes) -> None:
+            self.bodies.append(body)
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    reader = Reader()
+    parser = httptools.HttpResponseParser(reader)
+    parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    parser.feed_data(data)
+    assert b"".join(reader.bodies) == b"".join(payloads) and not reader.complete
+    parser.feed_data(b"0\r\n\r\n")
+    assert reader.complete
+
+
+@pytest.mark.parametrize("data", NOT_WHOLE_CHUNKS)
+def test_anything_but_whole_chunks_is_left_to_the_parser(data: bytes) -> None:
+    assert upstream._whole_chunks(data) is None
 
 
 def test_keep_alive_params_and_chunked_coding() -> None:

@@ -22,6 +22,12 @@ Connection states (``ConnState``; ``_Connection._to`` refuses any other transiti
   transport is closed and the pool forgets the connection at once.
 - Each exchange gets a new parser, so nothing of one answer can be read as part of the next.
   (llhttp skips bare CR/LF that end the same read as an answer; any other byte counts.)
+- Every byte of an answer is read by the parser, with one exception: while the parser
+  stands between two chunks of an event stream's body (``_between_chunks``), a read of
+  whole chunks, none the last, none with an extension (``_whole_chunks``: less than llhttp
+  accepts, never more) goes to the client's transport as it came, and leaves the parser
+  between two chunks. The first read that is anything else goes to the parser, and so does
+  the rest of that answer. The end of an answer is always the parser's.
 - Only DONE goes back to IDLE, in ``UpstreamPool.give_back``, and only when the answer was
   read to its end, keeps the connection alive (no ``Connection: close``, not HTTP/1.0,
   not a HEAD answer), and the engine's ``Keep-Alive: max=M`` allows another request
@@ -189,7 +195,9 @@ class Splice:
     answer open and whole is spliced: the read that ends the answer, one that fails it and
     one that brings a large chunk (``_SPLICE_MAX``) still go to the listener, which owns
     the answer's end. The relay sets a splice once the answer's head is out and takes it
-    away while the client is not reading; each exchange begins without one.
+    away while the client is not reading; each exchange begins without one. A read of
+    whole chunks between two chunks is written as the engine framed it, without the parser
+    (see the module's docstring): a token event then costs the parse and a frame less.
     """
 
     __slots__ = ("chunked", "scan", "transport")
@@ -203,6 +211,40 @@ class Splice:
 
 
 _SPLICE_MAX = 64 * 1024  # a read this large goes to the listener (written apart, not copied)
+
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_SIZE_LINE_MAX = 18  # a chunk's size line passed without the parser: 16 hex digits, CRLF
+
+
+def _whole_chunks(data: bytes) -> list[bytes] | None:
+    """The payloads of ``data`` when it is one or more whole chunks of a chunked body, none
+    of them the last one (size 0) and none with an extension; else None.
+
+    Such a read, fed to llhttp between two chunks, gives exactly these bodies and leaves it
+    between two chunks again, so it may pass without the parser. Anything else (a size line
+    of other characters, an extension, a chunk cut by the read, the last chunk and its
+    trailers, a read too large) is left to the parser: this accepts less than llhttp does,
+    never more.
+    """
+    payloads = []
+    at = 0
+    end = len(data)
+    while at < end:
+        line = data.find(b"\r\n", at, at + _SIZE_LINE_MAX)
+        if line <= at:  # not found, or an empty size line
+            return None
+        size_hex = data[at:line]
+        if size_hex.translate(None, _HEX_DIGITS):  # a sign, a space, "0x", an extension
+            return None
+        size = int(size_hex, 16)
+        start = line + 2
+        at = start + size
+        if not size or data[at : at + 2] != b"\r\n":
+            return None
+        payloads.append(data[start:at])
+        at += 2
+    return payloads or None
 
 
 class StateError(RuntimeError):
@@ -272,6 +314,9 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self.splice: Splice | None = None  # the body written on here: see Splice
+        # The parser has read the head and whole chunks of an event stream's body, no more:
+        # a read of whole chunks may pass without it (data_received).
+        self._between_chunks = False
 
     @property
     def closed(self) -> bool:
@@ -426,8 +471,38 @@ class _Connection(asyncio.Protocol):
                 self._end(_DIRTY, "bytes from the model server after the answer")
             return  # DIRTY, CLOSED: the transport is closing, nothing more is wanted
         self._last_data = self._loop.time()
+        if self._between_chunks:
+            # The parser stands between two chunks of an event stream: a read of whole
+            # chunks (nearly every token event) passes without it, as the engine framed it
+            # (see _whole_chunks). Written out here, not in a method: a frame less per event.
+            splice = self.splice
+            if len(data) >= _SPLICE_MAX:
+                payloads = None
+            else:
+                line = data.find(b"\r\n", 0, _SIZE_LINE_MAX)
+                size_hex = data[:line]
+                if line > 0 and not size_hex.translate(None, _HEX_DIGITS):
+                    size = int(size_hex, 16)
+                    at = line + 2 + size
+                    if size and len(data) == at + 2 and data.endswith(b"\r\n"):
+                        payloads = [data[line + 2 : at]]  # one chunk: a token event
+                    else:
+                        payloads = _whole_chunks(data)
+                else:
+                    payloads = None
+            if payloads is None:
+                # The parser reads it: where that leaves it is not known, so it reads the
+                # rest of this answer too.
+                self._between_chunks = False
+            elif splice is not None and not self._chunks and self.error is None:
+                splice.scan(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+                splice.transport.write(data if splice.chunked else b"".join(payloads))
+                return
+            # Not spliced: parsed as usual below, and whole chunks leave the parser between
+            # two chunks again.
         parser = self._parser
         assert parser is not None  # let go only once the connection is lost (CLOSED)
+        headers_were_done = self.headers_done
         self._feeding = True
         try:
             parser.feed_data(data)
@@ -444,6 +519,8 @@ class _Connection(asyncio.Protocol):
                 self._end(_DIRTY, "invalid HTTP")
         finally:
             self._feeding = False
+        if not headers_were_done and self.headers_done:
+            self._between_chunks = self._body_starts_between_chunks(data)
         if self._woken:
             # Told once per read, after the parser is done with it: the listener may give
             # the connection back to the pool, which must not happen inside a callback.
@@ -470,6 +547,22 @@ class _Connection(asyncio.Protocol):
             listener = self.listener
             if listener is not None:
                 listener()
+
+    def _body_starts_between_chunks(self, data: bytes) -> bool:
+        """Whether the read that completed the answer's head left the parser between two
+        chunks of an event stream's body: it holds the whole head (it begins with the status
+        line, so the head ends at its first blank line) and after it only whole chunks."""
+        if (
+            not self.chunked
+            or self.eof
+            or self.error is not None
+            or not self.content_type.startswith(b"text/event-stream")
+            or not data.startswith(b"HTTP/")
+        ):
+            return False
+        end = data.find(b"\r\n\r\n") + 4
+        # An interim answer's head ends first: what follows it is not chunks (False).
+        return end == len(data) or _whole_chunks(data[end:]) is not None
 
     def eof_received(self) -> bool:
         self._engine_closed(None)
