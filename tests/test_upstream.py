@@ -354,7 +354,7 @@ async def test_body_delimited_by_connection_close() -> None:
 async def test_a_connection_the_server_closed_is_freed_without_the_cyclic_collector() -> None:
     # llama.cpp closes its connection after every stream. A closed connection once stayed
     # in a reference cycle (its parser holds its callbacks, its transport holds it) until
-    # the cyclic collector ran, 23 us per stream (docs/performance.md): with the collector
+    # the cyclic collector ran, 15 us per stream (docs/performance.md): with the collector
     # off, the last reference must free it.
     async def handler(peer: Peer) -> None:
         await peer.read_request()
