@@ -519,7 +519,7 @@ class _Connection(asyncio.Protocol):
                 self._end(_DIRTY, "invalid HTTP")
         finally:
             self._feeding = False
-        if not headers_were_done and self.headers_done:
+        if not headers_were_done and self.headers_done and self.chunked:
             self._between_chunks = self._body_starts_between_chunks(data)
         if self._woken:
             # Told once per read, after the parser is done with it: the listener may give
@@ -549,12 +549,11 @@ class _Connection(asyncio.Protocol):
                 listener()
 
     def _body_starts_between_chunks(self, data: bytes) -> bool:
-        """Whether the read that completed the answer's head left the parser between two
+        """Whether the read that completed a chunked answer's head left the parser between two
         chunks of an event stream's body: it holds the whole head (it begins with the status
         line, so the head ends at its first blank line) and after it only whole chunks."""
         if (
-            not self.chunked
-            or self.eof
+            self.eof
             or self.error is not None
             or not self.content_type.startswith(b"text/event-stream")
             or not data.startswith(b"HTTP/")
