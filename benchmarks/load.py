@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from llm_manager.models.process import dies_with_parent
 
 
 @dataclass
@@ -201,8 +204,13 @@ async def wrk(exe: str, script: Path, url: str, clients: int, seconds: float) ->
     (for the time it really ran)."""
     argv = [exe, "-t1", f"-c{clients}", f"-d{int(seconds) + 30}s", "--timeout", "30s"]
     argv += ["--latency", "-s", str(script), url]
+    # wrk dies with the harness: an interrupt (Ctrl-C, SIGTERM) that lands while wrk is
+    # being spawned, before there is a process to stop below, leaves no wrk running.
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=dies_with_parent(os.getpid()),
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), seconds)

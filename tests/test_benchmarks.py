@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,48 @@ def test_ab_stopped_by_sigterm_leaves_no_process() -> None:
             proc_left.kill()
     assert not left, [p.pid for p in left]
     assert not Path(workdirs.pop()).exists()
+
+
+WRK_HARNESS = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import load
+request = load.Request(sys.argv[3], b"{}", {})
+script = load.wrk_script(__import__("pathlib").Path(sys.argv[2]), request)
+asyncio.run(load.wrk(sys.argv[4], script, sys.argv[3], 1, 60))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="needs wrk")
+def test_wrk_dies_with_a_harness_killed_outright(tmp_path: Path) -> None:
+    """A harness that ends without tearing down (SIGKILL here; an interrupt that lands while
+    wrk is being spawned, in effect) leaves no wrk running: wrk dies with its parent."""
+    import socket
+
+    with socket.socket() as listener:  # a port that accepts and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+        wrk = shutil.which("wrk")
+        argv = [sys.executable, "-c", WRK_HARNESS, str(ROOT / "benchmarks"), str(tmp_path)]
+        harness = subprocess.Popen([*argv, url, str(wrk)], cwd=ROOT)
+        try:
+            parent = psutil.Process(harness.pid)
+            found: list[psutil.Process] = []
+            for _ in range(100):
+                found = [p for p in parent.children() if p.name() == "wrk"]
+                if found:
+                    break
+                time.sleep(0.05)
+            assert found, "wrk did not start"
+            harness.kill()
+            harness.wait(10)
+            _, waiting = psutil.wait_procs(found, timeout=5)
+            assert not [p for p in waiting if alive(p.pid)]
+        finally:
+            if harness.poll() is None:
+                harness.kill()
+                harness.wait(10)
 
 
 @pytest.mark.skipif(

@@ -53,7 +53,10 @@ COALESCE = 0.02  # seconds a trickle of output waits so that lines are read toge
 TRICKLE_BYTES = 4096  # a read smaller than this is a trickle
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None]:
+def dies_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: on Linux the child gets SIGKILL when its parent (``parent_pid``, the
+    thread that spawns it) ends, however it ends."""
+
     def setup() -> None:
         # Runs in the child between fork and exec: only async-signal-safe work here.
         if sys.platform.startswith("linux"):
@@ -99,7 +102,7 @@ class ModelProcess:
                 env=dict(env),
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_child_setup(os.getpid()),
+                preexec_fn=dies_with_parent(os.getpid()),
             )
         except BaseException:
             for fd in (out_r, err_r):
