@@ -480,8 +480,7 @@ class _Connection(asyncio.Protocol):
                 payloads = None
             else:
                 line = data.find(b"\r\n", 0, _SIZE_LINE_MAX)
-                size_hex = data[:line]
-                if line > 0 and not size_hex.translate(None, _HEX_DIGITS):
+                if line > 0 and not (size_hex := data[:line]).translate(None, _HEX_DIGITS):
                     size = int(size_hex, 16)
                     at = line + 2 + size
                     if size and len(data) == at + 2 and data.endswith(b"\r\n"):
@@ -559,7 +558,10 @@ class _Connection(asyncio.Protocol):
             or not data.startswith(b"HTTP/")
         ):
             return False
-        end = data.find(b"\r\n\r\n") + 4
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        end += 4
         # An interim answer's head ends first: what follows it is not chunks (False).
         return end == len(data) or _whole_chunks(data[end:]) is not None
 
