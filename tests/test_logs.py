@@ -175,8 +175,8 @@ async def test_clear_keep_minutes_deletes_exactly_the_older_lines(
         history = [(old + i, "stdout", f"old {i}") for i in range(30)]
         runtime.log.load(history)
         for ts, stream, message in history:
-            store.add("m", ts, stream, message)
-            store.add("other", ts, stream, message)
+            store.add_lines("m", ts, stream, [message])
+            store.add_lines("other", ts, stream, [message])
         for i in range(5):
             runtime.log.append("stdout", f"new {i}")
         status, body = await mgr.post("/api/logs/m/clear?keep_minutes=60")
@@ -235,10 +235,10 @@ async def test_retention_by_age_and_by_count(tmp_path: Path) -> None:
     store = LogStore(db)
     now = time.time()
     for i in range(10):
-        store.add("a", now - 10 * 86400 + i, "stdout", f"ancient {i}")
+        store.add_lines("a", now - 10 * 86400 + i, "stdout", [f"ancient {i}"])
     for i in range(50):
-        store.add("a", now + i * 0.001, "stdout", f"a {i}")
-        store.add("b", now + i * 0.001, "stdout", f"b {i}")
+        store.add_lines("a", now + i * 0.001, "stdout", [f"a {i}"])
+        store.add_lines("b", now + i * 0.001, "stdout", [f"b {i}"])
     removed = await store.apply_retention(max_age=7 * 86400, max_lines=20)
     assert removed == 10 + 30 + 30
     assert await asyncio.to_thread(store.counts) == {"a": 20, "b": 20}

@@ -101,8 +101,8 @@ async def test_log_lines_history_clearing_and_retention(db: Database) -> None:
     logs = LogStore(db)
     now = time.time()
     for i in range(10):
-        logs.add("m", now - 100 + i, "stdout", f"line {i}")
-    logs.add("other", now - 1000, "stderr", "old")
+        logs.add_lines("m", now - 100 + i, "stdout", [f"line {i}"])
+    logs.add_lines("other", now - 1000, "stderr", ["old"])
     assert db.flush()
     assert logs.recent("m", 3) == [
         (now - 93, "stdout", "line 7"),

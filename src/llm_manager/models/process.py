@@ -57,10 +57,12 @@ def dies_with_parent(parent_pid: int) -> Callable[[], None]:
     """A ``preexec_fn``: on Linux the child gets SIGKILL when its parent (``parent_pid``, the
     thread that spawns it) ends, however it ends."""
 
+    # Loaded here, in the parent: the child between fork and exec does only async-signal-
+    # safe work (dlopen is not).
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
     def setup() -> None:
-        # Runs in the child between fork and exec: only async-signal-safe work here.
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
+        if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent_pid:  # the parent died before prctl took effect
                 os._exit(1)

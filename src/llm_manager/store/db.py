@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -224,12 +224,13 @@ class Database:
             return
         self._queue.put((sql, params))
 
-    def submit_many(self, sql: str, rows: list[Sequence[Any]]) -> None:
+    def submit_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """``submit`` for each row, handed to the writer at once (one queue operation)."""
+        writes = [(sql, params) for params in rows]
         if self._thread is None:
-            self.dropped += len(rows)
+            self.dropped += len(writes)
             return
-        self._queue.put([(sql, params) for params in rows])
+        self._queue.put(writes)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is committed (or has failed)."""

@@ -15,12 +15,9 @@ class LogStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def add(self, model: str, ts: float, stream: str, message: str) -> None:
-        self._db.submit(_INSERT, (model, ts, stream, message))
-
     def add_lines(self, model: str, ts: float, stream: str, messages: list[str]) -> None:
         """The lines of one read, with one timestamp: one hand-over to the writer."""
-        self._db.submit_many(_INSERT, [(model, ts, stream, message) for message in messages])
+        self._db.submit_many(_INSERT, ((model, ts, stream, message) for message in messages))
 
     def recent(self, model: str, limit: int) -> list[tuple[float, str, str]]:
         """The newest ``limit`` lines of a model, oldest first."""
