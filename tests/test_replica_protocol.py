@@ -221,6 +221,20 @@ async def test_replicas_count_use_and_wait_for_their_word() -> None:
     assert len(replicas) == 0 and replicas.empty_since is not None
 
 
+def test_a_report_that_runs_after_its_replica_left_does_not_bring_it_back() -> None:
+    # Ray runs an async actor's calls out of order: a replica's last report, sent before
+    # its leave, can run after it. Counted, the replica would be live again, and the last
+    # replica's leave would not stop the models (an engine left behind).
+    replicas = Replicas()
+    replicas.report(Report("a", "a", 0, {"m": Counts(0, 1, 1)}, {}))
+    replicas.report(Report("b", "b", 0, {}, {}))
+    replicas.leave("a")
+    assert replicas.report(Report("a", "a", 0, {"m": Counts(0, 1, 2)}, {})) == set()
+    assert len(replicas) == 1 and replicas.totals() == {}
+    replicas.leave("b")
+    assert len(replicas) == 0 and replicas.empty_since is not None
+
+
 def test_replicas_need_a_shared_store() -> None:
     from llm_manager.config import ConfigError
 

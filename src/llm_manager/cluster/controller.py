@@ -72,6 +72,10 @@ class Replicas:
 
     def __init__(self) -> None:
         self._live: dict[str, _Replica] = {}
+        # Those that said they leave. Ray does not keep an async actor's calls in order: a
+        # report sent before the leave can run after it, and must not bring the replica back
+        # (the last one's leave would then not stop the models).
+        self._left: set[str] = set()
         self._stamp = 0
         self._heard = asyncio.Event()
         self.empty_since: float | None = time.monotonic()
@@ -85,6 +89,8 @@ class Replicas:
 
     def report(self, report: Report) -> set[str]:
         """Take a replica's report; the models it began requests for since its last one."""
+        if report.replica in self._left:
+            return set()
         entry = self._live.get(report.replica)
         if entry is None:
             entry = self._live[report.replica] = _Replica(report.label, time.monotonic())
@@ -102,6 +108,7 @@ class Replicas:
         return used
 
     def leave(self, replica: str) -> None:
+        self._left.add(replica)
         entry = self._live.pop(replica, None)
         if entry is not None:
             log.info("gateway replica %s left", entry.label)
